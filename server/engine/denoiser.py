@@ -1,0 +1,166 @@
+"""The batched denoising loop: one `step` advances every given job by one denoising step.
+
+Jobs carry their own settings, canvas, block position and random generator, so the set of
+jobs can change between any two steps (iteration-level batching) and a seeded job draws the
+same numbers whatever shares its forward. Rows of different lengths are right-padded and the
+padding is hidden from attention by the key mask, so every row computes what it would alone.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+
+import torch
+
+from server.engine import sampling
+from server.engine.loader import LoadedModel
+from server.engine.sampling_params import SamplingParams
+
+
+@dataclass(frozen=True)
+class Reveal:
+    index: int  # answer position
+    token_id: int
+    confidence: float  # the model's probability of the token
+
+
+@dataclass(frozen=True)
+class StepEvent:
+    job: DenoiseJob
+    step: int  # 1-based count of this job's steps so far
+    block: int
+    reveals: list[Reveal]
+    masked: int  # answer positions still masked after this step
+
+    @property
+    def finished(self) -> bool:
+        return self.job.finished
+
+
+@dataclass(eq=False)
+class DenoiseJob:
+    prompt_len: int
+    params: SamplingParams
+    canvas: torch.Tensor  # [prompt_len + gen_length], long, on the model's device
+    generator: torch.Generator
+    blocks: list[tuple[int, int]]  # absolute [start, end) per block
+    block_steps: list[int]
+    block: int = -1
+    schedule: list[int] = field(default_factory=list)
+    step_in_block: int = 0
+    steps_done: int = 0
+    finished: bool = False
+
+    @property
+    def answer(self) -> list[int]:
+        return self.canvas[self.prompt_len:].tolist()
+
+    @property
+    def rows(self) -> int:
+        return self.params.rows
+
+
+class Denoiser:
+    def __init__(self, loaded: LoadedModel):
+        self.loaded = loaded
+        self.model = loaded.model
+        self.mask_id = loaded.special.mask
+        self.eos_id = loaded.special.eos
+
+    def new_job(self, prompt_ids: list[int], params: SamplingParams) -> DenoiseJob:
+        device = self.model.device
+        canvas = torch.full((len(prompt_ids) + params.gen_length,), self.mask_id, dtype=torch.long)
+        canvas[: len(prompt_ids)] = torch.tensor(prompt_ids, dtype=torch.long)
+        for position, token in params.constraints:
+            canvas[len(prompt_ids) + position] = token
+        seed = params.seed if params.seed is not None else random.getrandbits(63)
+        spans = sampling.block_spans(params.gen_length, params.block_length)
+        job = DenoiseJob(
+            prompt_len=len(prompt_ids),
+            params=params,
+            canvas=canvas.to(device),
+            generator=torch.Generator(device=device).manual_seed(seed),
+            blocks=[(len(prompt_ids) + s, len(prompt_ids) + e) for s, e in spans],
+            block_steps=sampling.steps_per_block(params.steps, len(spans)),
+        )
+        self._next_block(job)
+        return job
+
+    def _next_block(self, job: DenoiseJob) -> None:
+        """Move to the next block that still has masks, or finish."""
+        while job.block + 1 < len(job.blocks):
+            job.block += 1
+            start, end = job.blocks[job.block]
+            masked = int((job.canvas[start:end] == self.mask_id).sum())
+            job.schedule = sampling.transfer_schedule(masked, job.block_steps[job.block])
+            job.step_in_block = 0
+            if job.schedule:
+                return
+        job.finished = True
+
+    def _rows(self, jobs: list[DenoiseJob]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        rows = []
+        for job in jobs:
+            rows.append(job.canvas)
+            if job.params.cfg_scale > 0:
+                unconditional = job.canvas.clone()
+                unconditional[: job.prompt_len] = self.mask_id
+                rows.append(unconditional)
+        length = max(len(r) for r in rows)
+        ids = torch.full((len(rows), length), self.eos_id, dtype=torch.long, device=self.model.device)
+        key_mask = torch.zeros(ids.shape, dtype=torch.bool, device=ids.device)
+        for i, row in enumerate(rows):
+            ids[i, : len(row)] = row
+            key_mask[i, : len(row)] = True
+        return ids, key_mask
+
+    @torch.inference_mode()
+    def step(self, jobs: list[DenoiseJob]) -> list[StepEvent]:
+        """One forward over all jobs' rows, then each job reveals its scheduled tokens."""
+        ids, key_mask = self._rows(jobs)
+        hidden = self.model(ids, key_mask)
+        events, row = [], 0
+        for job in jobs:
+            events.append(self._reveal(job, hidden, row))
+            row += job.rows
+        return events
+
+    def _reveal(self, job: DenoiseJob, hidden: torch.Tensor, row: int) -> StepEvent:
+        params = job.params
+        start, end = job.blocks[job.block]
+        candidates = (job.canvas[start:end] == self.mask_id).nonzero().squeeze(-1) + start
+        logits = self.model.logits(hidden[row, candidates])
+        if params.cfg_scale > 0:
+            logits = sampling.cfg_combine(logits, self.model.logits(hidden[row + 1, candidates]), params.cfg_scale)
+        if params.logits_eos_inf:
+            logits[:, self.eos_id] = float("-inf")
+        tokens = sampling.choose_tokens(logits, params.temperature, job.generator)
+        probabilities = sampling.token_probabilities(logits, tokens)
+        excluded = self.loaded.special.stops if params.confidence_eos_eot_inf else ()
+        confidence = sampling.ranking_confidence(probabilities, tokens, params.remasking, job.generator, excluded)
+        chosen = sampling.select_top(confidence, job.schedule[job.step_in_block])
+        positions = candidates[chosen]
+        job.canvas[positions] = tokens[chosen]
+        job.steps_done += 1
+        job.step_in_block += 1
+        reveals = [
+            Reveal(index=p - job.prompt_len, token_id=t, confidence=c)
+            for p, t, c in zip(positions.tolist(), tokens[chosen].tolist(), probabilities[chosen].tolist())
+        ]
+        block = job.block
+        if job.step_in_block == len(job.schedule):
+            self._next_block(job)
+        masked = int((job.canvas[job.prompt_len:] == self.mask_id).sum())
+        return StepEvent(job=job, step=job.steps_done, block=block, reveals=reveals, masked=masked)
+
+
+def generate_batch(loaded: LoadedModel, prompts: list[list[int]], params: list[SamplingParams]) -> list[list[int]]:
+    """Run jobs together until all finish (finished jobs leave the batch); answers in order."""
+    denoiser = Denoiser(loaded)
+    jobs = [denoiser.new_job(prompt, p) for prompt, p in zip(prompts, params)]
+    running = [job for job in jobs if not job.finished]
+    while running:
+        denoiser.step(running)
+        running = [job for job in running if not job.finished]
+    return [job.answer for job in jobs]

@@ -1,0 +1,147 @@
+"""Loading a LLaDA checkpoint folder: config, tokenizer and (sharded) safetensors weights.
+
+Weights go straight from each memory-mapped shard to the target device and dtype, one tensor at
+a time, into a model whose parameters start on the meta device: the weights are never held
+twice. Nothing in the folder is executed; `auto_map` and `modeling_llada.py` are ignored.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from server.engine.devices import resolve_device, resolve_dtype
+from server.engine.errors import CheckpointError
+from server.engine.model import LLaDAModel
+from server.engine.model_config import ModelConfig, read_model_config
+from server.engine.text_codec import BOS_TOKEN, EOT_TOKEN, MASK_TOKEN, SpecialIds, TextCodec
+
+log = logging.getLogger("llada.engine")
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+
+
+@dataclass
+class LoadedModel:
+    name: str
+    model: LLaDAModel
+    codec: TextCodec
+    config: ModelConfig
+    special: SpecialIds
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.dtype
+
+
+def resolve_special_ids(config: ModelConfig, codec: TextCodec) -> SpecialIds:
+    """Special ids come from the checkpoint; the tokenizer must agree with config.json."""
+    max_id = codec.max_token_id
+    if max_id >= config.vocab_size:
+        raise CheckpointError(
+            f"the tokenizer has token id {max_id} but config.json's vocab_size is {config.vocab_size}"
+        )
+    mask_in_tokenizer = codec.token_id(MASK_TOKEN)
+    if mask_in_tokenizer is not None and mask_in_tokenizer != config.mask_token_id:
+        raise CheckpointError(
+            f"tokenizer has {MASK_TOKEN} at id {mask_in_tokenizer} but config.json says mask_token_id "
+            f"{config.mask_token_id}"
+        )
+    eos_in_tokenizer = codec.tokenizer.eos_token_id
+    if eos_in_tokenizer is not None and eos_in_tokenizer != config.eos_token_id:
+        raise CheckpointError(
+            f"tokenizer's eos_token has id {eos_in_tokenizer} but config.json says eos_token_id "
+            f"{config.eos_token_id}"
+        )
+    bos = codec.tokenizer.bos_token_id
+    return SpecialIds(
+        mask=config.mask_token_id,
+        eos=config.eos_token_id,
+        eot=codec.token_id(EOT_TOKEN),
+        bos=bos if bos is not None else codec.token_id(BOS_TOKEN),
+    )
+
+
+def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    with torch.device("meta"):
+        model = LLaDAModel(config)
+    return {name: tuple(t.shape) for name, t in model.state_dict().items()}
+
+
+def shard_files(folder: Path) -> list[Path]:
+    index = folder / INDEX_FILE
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as exc:
+            raise CheckpointError(f"{index} is not a safetensors index (needs a weight_map): {exc}") from exc
+        files = [folder / name for name in dict.fromkeys(weight_map.values())]
+    elif (folder / SINGLE_FILE).is_file():
+        files = [folder / SINGLE_FILE]
+    else:
+        raise CheckpointError(f"{folder} has neither {SINGLE_FILE} nor {INDEX_FILE}: no weights to load")
+    missing = [f.name for f in files if not f.is_file()]
+    if missing:
+        raise CheckpointError(f"{index} lists shards that are not in {folder}: {', '.join(missing)}")
+    return files
+
+
+def load_weights(model: LLaDAModel, files: list[Path], device: torch.device, dtype: torch.dtype) -> None:
+    shapes = expected_shapes(model.config)
+    loaded: set[str] = set()
+    total_bytes = sum(f.stat().st_size for f in files)
+    done_bytes, start = 0, time.monotonic()
+    for number, path in enumerate(files, 1):
+        tensors: dict[str, torch.Tensor] = {}
+        with safe_open(str(path), framework="pt", device="cpu") as shard:
+            for name in shard.keys():
+                if name not in shapes:
+                    raise CheckpointError(f"{path.name}: unexpected tensor {name!r}, not part of a LLaDA model")
+                shape = tuple(shard.get_slice(name).get_shape())
+                if shape != shapes[name]:
+                    raise CheckpointError(
+                        f"{path.name}: tensor {name!r} has shape {list(shape)}, config.json implies "
+                        f"{list(shapes[name])}"
+                    )
+                tensors[name] = shard.get_tensor(name).to(device=device, dtype=dtype)
+        model.load_state_dict(tensors, strict=False, assign=True)
+        loaded.update(tensors)
+        del tensors
+        done_bytes += path.stat().st_size
+        log.info(
+            "loaded shard %d/%d %s (%.0f%% of %.2f GB, %.1fs)",
+            number, len(files), path.name, 100 * done_bytes / total_bytes, total_bytes / 1e9,
+            time.monotonic() - start,
+        )
+    missing = sorted(set(shapes) - loaded)
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise CheckpointError(f"the checkpoint lacks tensors: {shown}")
+
+
+def load_checkpoint(path: str | Path, device: str = "auto", dtype: str = "auto") -> LoadedModel:
+    folder = Path(path)
+    if not folder.is_dir():
+        raise CheckpointError(f"model folder {folder} does not exist or is not a folder")
+    config = read_model_config(folder)
+    codec = TextCodec.from_folder(folder)
+    special = resolve_special_ids(config, codec)
+    files = shard_files(folder)
+    target_device = resolve_device(device)
+    target_dtype = resolve_dtype(dtype, target_device)
+    with torch.device("meta"):
+        model = LLaDAModel(config)
+    load_weights(model, files, target_device, target_dtype)
+    model.eval().requires_grad_(False)
+    return LoadedModel(name=folder.resolve().name, model=model, codec=codec, config=config, special=special)

@@ -1,0 +1,113 @@
+"""The model's shape and special ids, read from a checkpoint's config.json."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from server.engine.errors import CheckpointError
+
+SUPPORTED_MODEL_TYPES = ("llada",)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    d_model: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    mlp_hidden_size: int
+    vocab_size: int
+    rope_theta: float = 500000.0
+    rms_norm_eps: float = 1e-5
+    max_sequence_length: int = 4096
+    mask_token_id: int = 126336
+    eos_token_id: int = 126081
+    pad_token_id: int = 126081
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    def validate(self) -> None:
+        if self.d_model % self.n_heads:
+            raise CheckpointError(f"config.json: d_model {self.d_model} is not divisible by n_heads {self.n_heads}")
+        if self.n_heads % self.n_kv_heads:
+            raise CheckpointError(
+                f"config.json: n_heads {self.n_heads} is not a multiple of n_kv_heads {self.n_kv_heads}"
+            )
+        if self.head_dim % 2:
+            raise CheckpointError(f"config.json: head dim {self.head_dim} must be even for rotary embeddings")
+        for name in ("mask_token_id", "eos_token_id"):
+            if not 0 <= getattr(self, name) < self.vocab_size:
+                raise CheckpointError(f"config.json: {name} {getattr(self, name)} is outside vocab_size {self.vocab_size}")
+
+    def to_json_dict(self) -> dict:
+        """The config.json a real LLaDA checkpoint carries, for this shape."""
+        return {
+            "architectures": ["LLaDAModelLM"],
+            "model_type": "llada",
+            "d_model": self.d_model,
+            "n_layers": self.n_layers,
+            "n_heads": self.n_heads,
+            "n_kv_heads": self.n_kv_heads,
+            "mlp_hidden_size": self.mlp_hidden_size,
+            "mlp_ratio": self.mlp_hidden_size // self.d_model,
+            "vocab_size": self.vocab_size,
+            "embedding_size": self.vocab_size,
+            "rope_theta": self.rope_theta,
+            "rms_norm_eps": self.rms_norm_eps,
+            "max_sequence_length": self.max_sequence_length,
+            "mask_token_id": self.mask_token_id,
+            "eos_token_id": self.eos_token_id,
+            "pad_token_id": self.pad_token_id,
+            "weight_tying": False,
+            "include_bias": False,
+            "layer_norm_type": "rms",
+            "activation_type": "silu",
+            "block_type": "llama",
+            "rope": True,
+            "torch_dtype": "bfloat16",
+        }
+
+
+def read_model_config(folder: Path) -> ModelConfig:
+    path = folder / "config.json"
+    if not path.is_file():
+        raise CheckpointError(f"{folder} has no config.json: is it a LLaDA checkpoint folder?")
+    try:
+        raw = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{path} is not valid JSON: {exc}") from exc
+    model_type = raw.get("model_type")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise CheckpointError(
+            f"{path}: model_type {model_type!r} is not supported; this server loads {SUPPORTED_MODEL_TYPES}"
+        )
+    if raw.get("weight_tying"):
+        raise CheckpointError(f"{path}: weight_tying=true is not a LLaDA layout (the LM head is untied)")
+    if raw.get("include_bias"):
+        raise CheckpointError(f"{path}: include_bias=true is not a LLaDA layout (LLaDA has no biases)")
+    required = ("d_model", "n_layers", "n_heads", "vocab_size")
+    missing = [key for key in required if key not in raw]
+    if missing:
+        raise CheckpointError(f"{path} lacks required fields: {', '.join(missing)}")
+    n_heads = int(raw["n_heads"])
+    d_model = int(raw["d_model"])
+    mlp_hidden = raw.get("mlp_hidden_size") or int(raw.get("mlp_ratio", 4)) * d_model
+    vocab = int(raw.get("embedding_size") or raw["vocab_size"])
+    known = {f.name for f in dataclasses.fields(ModelConfig)}
+    optional = {k: raw[k] for k in known if k in raw and raw[k] is not None}
+    optional.update(
+        d_model=d_model,
+        n_layers=int(raw["n_layers"]),
+        n_heads=n_heads,
+        n_kv_heads=int(raw.get("n_kv_heads") or n_heads),
+        mlp_hidden_size=int(mlp_hidden),
+        vocab_size=vocab,
+    )
+    config = ModelConfig(**optional)
+    config.validate()
+    return config

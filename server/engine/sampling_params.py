@@ -1,0 +1,29 @@
+"""Per-request sampling settings, as the engine takes them (validated at the HTTP layer)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+REMASKING = ("low_confidence", "random")
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Defaults are those of LLaDA's README (LLADA.md)."""
+
+    gen_length: int = 128
+    steps: int = 128
+    block_length: int = 32
+    temperature: float = 0.0
+    cfg_scale: float = 0.0
+    remasking: str = "low_confidence"
+    logits_eos_inf: bool = False
+    confidence_eos_eot_inf: bool = False
+    seed: int | None = None
+    # (answer position, token id) pairs written before the first step and never remasked.
+    constraints: tuple[tuple[int, int], ...] = ()
+
+    @property
+    def rows(self) -> int:
+        """Rows this job puts in each forward: CFG runs an unconditional copy beside it."""
+        return 2 if self.cfg_scale > 0 else 1

@@ -1,0 +1,79 @@
+"""The scheduler's vocabulary: jobs, the batch handed to the engine worker, and its errors.
+
+Everything here is plain data. The engine keeps its own per-job state in ``Job.payload``; the
+scheduler never looks inside it, which is what keeps this package free of torch.
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+import uuid
+from dataclasses import dataclass, field
+
+
+class JobKind(enum.Enum):
+    """What a job's forward rows do. Kinds never share a forward (their inputs differ)."""
+
+    GENERATE = "generate"
+    SCORE = "score"
+
+
+def _new_id() -> str:
+    return uuid.uuid4().hex
+
+
+@dataclass(eq=False)  # identity equality: two jobs with equal fields are still two requests
+class Job:
+    """One request as the scheduler sees it.
+
+    ``rows_per_unit`` is 2 when classifier-free guidance needs a conditional and an
+    unconditional row, else 1. ``units`` is how much work a job wants in one forward:
+    a generate job always wants exactly one unit (one denoising step of its rows), a score job
+    wants as many Monte-Carlo rows as remain (the worker lowers it via ``update_units``).
+    """
+
+    kind: JobKind
+    length: int
+    rows_per_unit: int
+    units: int = 1
+    payload: object = None
+    id: str = field(default_factory=_new_id)
+    enqueued_at: float = field(default_factory=time.monotonic)
+    cancelled: bool = False
+
+    @property
+    def rows(self) -> int:
+        """Rows this job would occupy if all its units ran in one forward."""
+        return self.units * self.rows_per_unit
+
+
+@dataclass
+class Batch:
+    """The jobs that share one forward pass, and how many units each one gets in it."""
+
+    kind: JobKind
+    jobs: list[Job]
+    units: dict[str, int]
+    rows: int
+    padded_length: int
+
+    @property
+    def padding_waste(self) -> float:
+        """Share of the forward's token positions that are padding (0.0 = none)."""
+        if self.rows == 0 or self.padded_length == 0:
+            return 0.0
+        real = sum(self.units[j.id] * j.rows_per_unit * j.length for j in self.jobs)
+        return 1.0 - real / (self.rows * self.padded_length)
+
+
+class QueueFull(Exception):
+    """The admission queue is at its bound; the API answers 429 with ``Retry-After``."""
+
+    def __init__(self, retry_after: float, message: str | None = None) -> None:
+        self.retry_after = retry_after
+        super().__init__(message or f"queue is full; retry after {retry_after:.2f}s")
+
+
+class SchedulerClosed(Exception):
+    """``submit`` after ``close()``: the server is draining or shutting down (the API answers 503)."""
