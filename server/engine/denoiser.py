@@ -15,6 +15,7 @@ import torch
 
 from server.engine import sampling
 from server.engine.loader import LoadedModel
+from server.engine.padding import pad_rows, unconditional
 from server.engine.sampling_params import SamplingParams
 
 
@@ -99,21 +100,13 @@ class Denoiser:
                 return
         job.finished = True
 
-    def _rows(self, jobs: list[DenoiseJob]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _rows(self, jobs: list[DenoiseJob]) -> tuple[torch.Tensor, torch.Tensor]:
         rows = []
         for job in jobs:
             rows.append(job.canvas)
             if job.params.cfg_scale > 0:
-                unconditional = job.canvas.clone()
-                unconditional[: job.prompt_len] = self.mask_id
-                rows.append(unconditional)
-        length = max(len(r) for r in rows)
-        ids = torch.full((len(rows), length), self.eos_id, dtype=torch.long, device=self.model.device)
-        key_mask = torch.zeros(ids.shape, dtype=torch.bool, device=ids.device)
-        for i, row in enumerate(rows):
-            ids[i, : len(row)] = row
-            key_mask[i, : len(row)] = True
-        return ids, key_mask
+                rows.append(unconditional(job.canvas, job.prompt_len, self.mask_id))
+        return pad_rows(rows, self.eos_id, self.model.device)
 
     @torch.inference_mode()
     def step(self, jobs: list[DenoiseJob]) -> list[StepEvent]:

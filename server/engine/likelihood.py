@@ -1,0 +1,193 @@
+"""Monte-Carlo log-likelihood (LLaDA's ELBO estimator) and the greedy check, batched across
+requests.
+
+A scoring job turns each (prefix, target) pair into rows of work: MC rows (a noisy copy of the
+sequence with some target positions masked) and, if asked, one greedy row per pair per forward.
+Rows of any jobs share forwards, and the LM head runs only on the masked positions.
+
+Group sizes: mc_num samples are drawn in ceil(mc_num / batch_size) stratified groups as equal as
+possible (the reference needs mc_num to be a multiple of batch_size). A one-token target makes
+every sample identical (the one position is always masked), so it is computed once: the same
+value, exactly, without mc_num forwards.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from server.engine.loader import LoadedModel
+from server.engine.padding import pad_rows, unconditional
+from server.engine.sampling import cfg_combine, select_top, spread
+
+
+@dataclass(frozen=True)
+class ScoreParams:
+    mc_num: int = 128
+    batch_size: int = 32
+    cfg_scale: float = 0.0
+    greedy: bool = False
+    seed: int | None = None
+
+    @property
+    def rows_per_unit(self) -> int:
+        return 2 if self.cfg_scale > 0 else 1
+
+
+@dataclass
+class ScoreResult:
+    loglikelihood: float = 0.0
+    is_greedy: bool | None = None
+
+
+@dataclass
+class McRow:
+    pair: int
+    ids: torch.Tensor
+    positions: torch.Tensor  # masked target positions, absolute
+    targets: torch.Tensor  # the true tokens at those positions
+    weight: float  # this row's share of the estimate: (L / masked) / (group size * groups)
+
+
+@dataclass
+class GreedyState:
+    pair: int
+    canvas: torch.Tensor
+    target: torch.Tensor  # absolute-position targets for the answer span
+
+
+@dataclass(eq=False)
+class ScoringJob:
+    pairs: list[tuple[list[int], list[int]]]
+    params: ScoreParams
+    mask_id: int
+    results: list[ScoreResult] = field(init=False)
+    rows_done: int = 0
+
+    def __post_init__(self) -> None:
+        seed = self.params.seed if self.params.seed is not None else random.getrandbits(63)
+        # Masks are drawn on the CPU: cheap, and the same on every device.
+        self.generator = torch.Generator().manual_seed(seed)
+        self.results = [ScoreResult() for _ in self.pairs]
+        self._mc_rows: Iterator[McRow] = self._draw_mc_rows()
+        self.mc_left = sum(sum(self.group_sizes(len(target))) for _, target in self.pairs)
+        self.greedy: list[GreedyState] = []
+        if self.params.greedy:
+            for i, (prefix, target) in enumerate(self.pairs):
+                canvas = torch.tensor(prefix + [self.mask_id] * len(target), dtype=torch.long)
+                self.greedy.append(GreedyState(i, canvas, torch.tensor(target, dtype=torch.long)))
+                self.results[i].is_greedy = True
+
+    def group_sizes(self, target_len: int) -> list[int]:
+        if target_len == 1:
+            return [1]
+        groups = math.ceil(self.params.mc_num / self.params.batch_size)
+        return spread(self.params.mc_num, groups)
+
+    def _draw_mc_rows(self) -> Iterator[McRow]:
+        g = self.generator
+        for pair, (prefix, target) in enumerate(self.pairs):
+            seq = torch.tensor(prefix + target, dtype=torch.long)
+            length = len(target)
+            sizes = self.group_sizes(length)
+            for size in sizes:
+                k = int(torch.randint(1, length + 1, (), generator=g))
+                counts = torch.round(torch.linspace(float(k), k + (size - 1) * (length / size), size)).long()
+                for count in ((counts - 1) % length + 1).tolist():
+                    positions = torch.randperm(length, generator=g)[:count].sort().values + len(prefix)
+                    noisy = seq.clone()
+                    noisy[positions] = self.mask_id
+                    yield McRow(pair, noisy, positions, seq[positions], (length / count) / (size * len(sizes)))
+
+    @property
+    def units(self) -> int:
+        """Rows of work that can go into the next forward."""
+        return self.mc_left + len(self.greedy)
+
+    @property
+    def finished(self) -> bool:
+        return self.units == 0
+
+    def take(self, units: int) -> tuple[list[GreedyState], list[McRow]]:
+        greedy = self.greedy[:units]
+        mc = []
+        while len(greedy) + len(mc) < units and self.mc_left:
+            mc.append(next(self._mc_rows))
+            self.mc_left -= 1
+        return greedy, mc
+
+
+class Scorer:
+    def __init__(self, loaded: LoadedModel):
+        self.model = loaded.model
+        self.mask_id = loaded.special.mask
+        self.pad_id = loaded.special.eos
+
+    def new_job(self, pairs: list[tuple[list[int], list[int]]], params: ScoreParams) -> ScoringJob:
+        return ScoringJob(pairs, params, self.mask_id)
+
+    @torch.inference_mode()
+    def step(self, work: list[tuple[ScoringJob, int]]) -> int:
+        """One forward over the given units of each job; returns the rows run."""
+        plan = [(job, *job.take(units)) for job, units in work]
+        rows, spans = [], []
+        for job, greedy, mc in plan:
+            for item in [*greedy, *mc]:
+                seq = item.canvas if isinstance(item, GreedyState) else item.ids
+                prompt_len = len(job.pairs[item.pair][0])
+                spans.append(len(rows))
+                rows.append(seq)
+                if job.params.cfg_scale > 0:
+                    rows.append(unconditional(seq, prompt_len, self.mask_id))
+        device = self.model.device
+        ids, key_mask = pad_rows(rows, self.pad_id, device)
+        hidden = self.model(ids, key_mask)
+        row_iter = iter(spans)
+        for job, greedy, mc in plan:
+            for state in greedy:
+                self._greedy_update(job, state, hidden, next(row_iter))
+            for mc_row in mc:
+                self._mc_update(job, mc_row, hidden, next(row_iter))
+            job.greedy = [s for s in job.greedy if job.results[s.pair].is_greedy and (s.canvas == self.mask_id).any()]
+            job.rows_done += len(greedy) + len(mc)
+        return len(rows)
+
+    def _logits(self, job: ScoringJob, hidden: torch.Tensor, row: int, positions: torch.Tensor) -> torch.Tensor:
+        logits = self.model.logits(hidden[row, positions.to(hidden.device)])
+        if job.params.cfg_scale > 0:
+            uncond = self.model.logits(hidden[row + 1, positions.to(hidden.device)])
+            logits = cfg_combine(logits, uncond, job.params.cfg_scale)
+        return logits
+
+    def _mc_update(self, job: ScoringJob, mc_row: McRow, hidden: torch.Tensor, row: int) -> None:
+        logits = self._logits(job, hidden, row, mc_row.positions)
+        loss = F.cross_entropy(logits, mc_row.targets.to(logits.device), reduction="sum").item()
+        job.results[mc_row.pair].loglikelihood -= loss * mc_row.weight
+
+    def _greedy_update(self, job: ScoringJob, state: GreedyState, hidden: torch.Tensor, row: int) -> None:
+        """Reveal the single most confident masked position; a wrong token settles it as False."""
+        positions = (state.canvas == self.mask_id).nonzero().squeeze(-1)
+        logits = self._logits(job, hidden, row, positions)
+        tokens = logits.argmax(-1)
+        confidence = torch.softmax(logits, -1).gather(-1, tokens[:, None]).squeeze(-1)
+        best = int(select_top(confidence, 1)[0])
+        position, token = int(positions[best]), int(tokens[best])
+        state.canvas[position] = token
+        prefix_len = len(job.pairs[state.pair][0])
+        if token != int(state.target[position - prefix_len]):
+            job.results[state.pair].is_greedy = False
+
+
+def score_pairs(loaded: LoadedModel, pairs: list[tuple[list[int], list[int]]], params: ScoreParams,
+                max_rows: int = 64) -> list[ScoreResult]:
+    """Score pairs to completion in forwards of at most max_rows rows."""
+    scorer = Scorer(loaded)
+    job = scorer.new_job(pairs, params)
+    while not job.finished:
+        scorer.step([(job, max(1, max_rows // params.rows_per_unit))])
+    return job.results
