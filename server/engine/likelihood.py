@@ -75,6 +75,7 @@ class ScoringJob:
         self.generator = torch.Generator().manual_seed(seed)
         self.results = [ScoreResult() for _ in self.pairs]
         self._mc_rows: Iterator[McRow] = self._draw_mc_rows()
+        self._returned: list[McRow] = []  # rows of a forward that failed, to run again
         self.mc_left = sum(sum(self.group_sizes(len(target))) for _, target in self.pairs)
         self.greedy: list[GreedyState] = []
         if self.params.greedy:
@@ -117,9 +118,13 @@ class ScoringJob:
         greedy = self.greedy[:units]
         mc = []
         while len(greedy) + len(mc) < units and self.mc_left:
-            mc.append(next(self._mc_rows))
+            mc.append(self._returned.pop() if self._returned else next(self._mc_rows))
             self.mc_left -= 1
         return greedy, mc
+
+    def give_back(self, mc: list[McRow]) -> None:
+        self._returned.extend(reversed(mc))
+        self.mc_left += len(mc)
 
 
 class Scorer:
@@ -145,8 +150,13 @@ class Scorer:
                 if job.params.cfg_scale > 0:
                     rows.append(unconditional(seq, prompt_len, self.mask_id))
         device = self.model.device
-        ids, key_mask = pad_rows(rows, self.pad_id, device)
-        hidden = self.model(ids, key_mask)
+        try:
+            ids, key_mask = pad_rows(rows, self.pad_id, device)
+            hidden = self.model(ids, key_mask)
+        except BaseException:
+            for job, _, mc in plan:
+                job.give_back(mc)
+            raise
         row_iter = iter(spans)
         for job, greedy, mc in plan:
             for state in greedy:

@@ -7,7 +7,7 @@ holding it, so a second lock here would only add a lock-ordering hazard.
 from __future__ import annotations
 
 from collections import OrderedDict, deque
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 from .jobs import Job, QueueFull
 
@@ -71,6 +71,10 @@ class AdmissionQueue:
     def jobs(self) -> list[Job]:
         """Waiting jobs, oldest first."""
         return list(self._jobs.values())
+
+    def __iter__(self) -> Iterator[Job]:
+        """Waiting jobs, oldest first, without copying (do not mutate while iterating)."""
+        return iter(self._jobs.values())
 
     def clear(self) -> list[Job]:
         jobs = list(self._jobs.values())

@@ -56,7 +56,7 @@ def _waste(real: int, rows: int, padded: int) -> float:
     return 1.0 - real / (rows * padded) if rows else 0.0
 
 
-def admit(waiting: Sequence[Job], generate_rows: int, score_rows: int, max_rows: int) -> list[Job]:
+def admit(waiting: Iterable[Job], generate_rows: int, score_rows: int, max_rows: int) -> list[Job]:
     """Which waiting jobs (oldest first) join the running set now.
 
     ``generate_rows``: rows of the running generate jobs. ``score_rows``: outstanding rows

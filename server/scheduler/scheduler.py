@@ -259,7 +259,7 @@ class Scheduler:
             return
         generate_rows = sum(j.rows_per_unit for j in self._running_generate)
         score_rows = sum(j.rows for j in self._running_score)
-        admitted = policy.admit(self._waiting.jobs(), generate_rows, score_rows, self.max_batch_rows)
+        admitted = policy.admit(iter(self._waiting), generate_rows, score_rows, self.max_batch_rows)
         self._waiting.remove_many(admitted)
         for job in admitted:
             self._running[job.id] = job

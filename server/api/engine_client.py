@@ -1,0 +1,108 @@
+"""The asyncio side of the engine: submit a job, then await its events from a per-request queue
+that the worker thread fills through `loop.call_soon_threadsafe`."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+
+from server.api.errors import ApiError
+from server.engine.events import TERMINAL, JobFailed
+from server.engine.likelihood import ScoreParams
+from server.engine.sampling_params import SamplingParams
+from server.engine.worker import EngineWorker
+from server.metrics import Metrics
+from server.scheduler import QueueFull, SchedulerClosed
+
+FAILURES = {
+    "engine_error": (500, "engine_error"),
+    "engine_dead": (503, "engine_dead"),
+    "shutdown": (503, "shutting_down"),
+    "cancelled": (499, "cancelled"),
+}
+
+
+def failure_error(event: JobFailed) -> ApiError:
+    status, code = FAILURES.get(event.code, (500, event.code))
+    return ApiError(status, event.message, code=code)
+
+
+class RequestHandle:
+    def __init__(self, client: EngineClient, deadline: float):
+        self.client = client
+        self.deadline = deadline
+        self.started = time.monotonic()
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.job_id: str | None = None
+        self.ended = False
+        loop = asyncio.get_running_loop()
+
+        def sink(event: object) -> None:
+            try:
+                loop.call_soon_threadsafe(self.queue.put_nowait, event)
+            except RuntimeError:  # the event loop is gone: nobody is waiting any more
+                pass
+
+        self.sink = sink
+
+    async def events(self) -> AsyncIterator[object]:
+        """Events until the terminal one; a JobFailed or the deadline raises ApiError."""
+        while not self.ended:
+            remaining = self.deadline - time.monotonic()
+            try:
+                event = await asyncio.wait_for(self.queue.get(), timeout=max(remaining, 0.0))
+            except asyncio.TimeoutError:
+                self.cancel()
+                self.client.metrics.rejected_total.labels(reason="timeout").inc()
+                raise ApiError(504, f"the request took longer than --request-timeout "
+                                    f"({self.client.timeout_s:g}s) and was cancelled", code="timeout") from None
+            if isinstance(event, TERMINAL):
+                self.ended = True
+            if isinstance(event, JobFailed):
+                raise failure_error(event)
+            yield event
+
+    async def result(self) -> object:
+        last = None
+        async for event in self.events():
+            last = event
+        return last
+
+    def cancel(self) -> None:
+        if not self.ended and self.job_id is not None:
+            self.ended = True
+            self.client.worker.cancel(self.job_id)
+
+
+class EngineClient:
+    def __init__(self, worker: EngineWorker, metrics: Metrics, timeout_s: float):
+        self.worker = worker
+        self.metrics = metrics
+        self.timeout_s = timeout_s
+
+    def _handle(self) -> RequestHandle:
+        return RequestHandle(self, time.monotonic() + self.timeout_s)
+
+    def _submit(self, handle: RequestHandle, submit) -> RequestHandle:
+        if not self.worker.alive:
+            raise ApiError(503, "the engine is not running", code="engine_dead")
+        try:
+            handle.job_id = submit(handle.sink)
+        except QueueFull as exc:
+            self.metrics.rejected_total.labels(reason="queue_full").inc()
+            raise ApiError(429, f"the server is at capacity ({self.worker.scheduler.max_queue} requests waiting); "
+                                "retry later", code="queue_full",
+                           headers={"Retry-After": str(max(1, round(exc.retry_after)))}) from None
+        except SchedulerClosed:
+            self.metrics.rejected_total.labels(reason="draining").inc()
+            raise ApiError(503, "the server is shutting down and takes no new requests", code="draining") from None
+        return handle
+
+    def generate(self, prompt_ids: list[int], params: SamplingParams) -> RequestHandle:
+        handle = self._handle()
+        return self._submit(handle, lambda sink: self.worker.submit_generate(prompt_ids, params, sink))
+
+    def score(self, pairs: list[tuple[list[int], list[int]]], params: ScoreParams) -> RequestHandle:
+        handle = self._handle()
+        return self._submit(handle, lambda sink: self.worker.submit_score(pairs, params, sink))

@@ -1,0 +1,129 @@
+"""ASGI middleware in front of the routes: request metrics and logs, draining, API keys, body size
+and content type. Each rejection uses the error envelope."""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import time
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from server.api.errors import ApiError
+from server.metrics import Metrics
+
+log = logging.getLogger("llada.api")
+
+ENDPOINTS = ("/v1/generate", "/v1/loglikelihood", "/v1/tokenize", "/v1/detokenize", "/v1/models", "/health",
+             "/metrics", "/")
+OPEN_PATHS = ("/health",)
+
+
+def endpoint_label(path: str) -> str:
+    """A bounded label: unknown paths are 'other', so scanners cannot blow up the series count."""
+    return path if path in ENDPOINTS else "other"
+
+
+class BodyTooLarge(Exception):
+    pass
+
+
+class Gate:
+    def __init__(self, app: ASGIApp, *, state) -> None:
+        self.app = app
+        self.state = state
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        config, metrics = self.state.config, self.state.metrics
+        path, method = scope["path"], scope["method"]
+        endpoint = endpoint_label(path)
+        start = time.monotonic()
+        status_holder = {"status": 500}
+
+        async def counting_send(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                status_holder["status"] = message["status"]
+            await send(message)
+            if message["type"] == "http.response.body" and not message.get("more_body", False):
+                _record(metrics, endpoint, status_holder["status"], time.monotonic() - start)
+
+        rejection = self._reject(scope, path, method)
+        if rejection is not None:
+            await _send_error(rejection, counting_send)
+            return
+
+        limit, seen = config.max_body_bytes, 0
+
+        async def limited_receive() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > limit:
+                    raise BodyTooLarge()
+            return message
+
+        try:
+            await self.app(scope, limited_receive, counting_send)
+        except BodyTooLarge:
+            await _send_error(_too_large(limit), counting_send)
+
+    def _reject(self, scope: Scope, path: str, method: str) -> ApiError | None:
+        config, metrics = self.state.config, self.state.metrics
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        if self.state.draining and path != "/metrics" and path != "/health":
+            metrics.rejected_total.labels(reason="draining").inc()
+            return ApiError(503, "the server is shutting down and takes no new requests", code="draining")
+        if config.api_keys and needs_key(path, config.metrics_auth) and not key_ok(headers, config.api_keys):
+            metrics.rejected_total.labels(reason="unauthorized").inc()
+            return ApiError(401, "missing or wrong API key: send 'Authorization: Bearer KEY'", code="invalid_api_key",
+                            headers={"WWW-Authenticate": "Bearer"})
+        length = headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > config.max_body_bytes:
+            metrics.rejected_total.labels(reason="too_large").inc()
+            return _too_large(config.max_body_bytes)
+        if method == "POST" and path.startswith("/v1/"):
+            content_type = headers.get("content-type", "").split(";")[0].strip().lower()
+            if content_type != "application/json":
+                metrics.rejected_total.labels(reason="invalid").inc()
+                return ApiError(415, f"send the body as application/json (got {content_type or 'no content type'})",
+                                code="unsupported_media_type")
+        return None
+
+
+def needs_key(path: str, metrics_auth: bool) -> bool:
+    if path in OPEN_PATHS:
+        return False
+    return metrics_auth or path != "/metrics"
+
+
+def key_ok(headers: dict[str, str], keys: tuple[str, ...]) -> bool:
+    scheme, _, given = headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not given:
+        return False
+    # Compare against every key so the time taken does not depend on which one matched.
+    matched = False
+    for key in keys:
+        matched |= hmac.compare_digest(given.strip().encode(), key.encode())
+    return matched
+
+
+def _too_large(limit: int) -> ApiError:
+    return ApiError(413, f"the body is larger than {limit} bytes (--max-body-bytes)", code="body_too_large")
+
+
+def _record(metrics: Metrics, endpoint: str, status: int, seconds: float) -> None:
+    metrics.requests_total.labels(endpoint=endpoint, status=str(status)).inc()
+    metrics.request_duration_seconds.labels(endpoint=endpoint).observe(seconds)
+
+
+async def _send_error(error: ApiError, send: Send) -> None:
+    body = json.dumps(error.body()).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    headers += [(k.lower().encode(), v.encode()) for k, v in (error.headers or {}).items()]
+    await send({"type": "http.response.start", "status": error.status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})

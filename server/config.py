@@ -1,0 +1,128 @@
+"""The server's one typed configuration. Every field is a CLI flag (`--max-queue`) and an
+environment variable (`LLADA_MAX_QUEUE`); a flag wins over the environment."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    model: str | None = field(default=None, metadata={"help": "LLaDA-format model folder; the built-in demo model when unset"})
+    device: str = field(default="auto", metadata={"help": "auto, cpu, cuda or cuda:N"})
+    dtype: str = field(default="auto", metadata={"help": "auto (bf16 on CUDA, fp32 on CPU), bfloat16, float16, float32"})
+    host: str = field(default="127.0.0.1", metadata={"help": "address to listen on"})
+    port: int = field(default=8000, metadata={"help": "port to listen on"})
+    max_batch_rows: int = field(default=16, metadata={"help": "rows per forward pass (a CFG request counts two)"})
+    max_queue: int = field(default=64, metadata={"help": "requests waiting beyond the running batch; past it, 429"})
+    max_padding_waste: float = field(default=0.5, metadata={"help": "share of padded positions allowed when mixing lengths in one forward"})
+    max_prompt_tokens: int = field(default=4096, metadata={"help": "longest prompt, in tokens"})
+    max_gen_length: int = field(default=1024, metadata={"help": "largest gen_length"})
+    max_steps: int = field(default=1024, metadata={"help": "largest steps"})
+    max_mc_num: int = field(default=1024, metadata={"help": "largest mc_num for /v1/loglikelihood"})
+    max_score_requests: int = field(default=64, metadata={"help": "most (context, continuation) pairs in one scoring call"})
+    max_body_bytes: int = field(default=1_000_000, metadata={"help": "largest request body; past it, 413"})
+    request_timeout: float = field(default=600.0, metadata={"help": "seconds a request may take, queue time included; past it, 504"})
+    shutdown_grace: float = field(default=30.0, metadata={"help": "seconds SIGTERM waits for accepted work before answering it with an error"})
+    api_key: tuple[str, ...] = field(default=(), metadata={"help": "accepted Bearer key (repeatable; env LLADA_API_KEYS, comma-separated)"})
+    metrics_auth: bool = field(default=False, metadata={"help": "require the API key on /metrics too"})
+    cors_origin: tuple[str, ...] = field(default=(), metadata={"help": "allowed CORS origin (repeatable; env LLADA_CORS_ORIGINS, comma-separated); CORS is off when unset"})
+    log_format: str = field(default="text", metadata={"help": "text or json"})
+    log_level: str = field(default="info", metadata={"help": "debug, info, warning or error"})
+    inject_faults: str | None = field(default=None, metadata={"help": "TEST ONLY: fail forwards, e.g. 'error@3,oom@5' (see server/engine/faults.py)"})
+
+    @property
+    def api_keys(self) -> tuple[str, ...]:
+        return self.api_key
+
+
+# Plural environment names read better for the comma-separated lists.
+ENV_NAMES = {"api_key": "LLADA_API_KEYS", "cors_origin": "LLADA_CORS_ORIGINS"}
+CHOICES = {"log_format": ("text", "json"), "log_level": ("debug", "info", "warning", "error")}
+
+
+def env_name(name: str) -> str:
+    return ENV_NAMES.get(name, "LLADA_" + name.upper())
+
+
+def _parse_bool(text: str) -> bool:
+    value = text.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError(f"expected true or false, got {text!r}")
+
+
+def _from_env(f: dataclasses.Field, raw: str):
+    if f.type in ("tuple[str, ...]",):
+        return tuple(part.strip() for part in raw.split(",") if part.strip())
+    if f.type == "bool":
+        return _parse_bool(raw)
+    if f.type == "int":
+        return int(raw)
+    if f.type == "float":
+        return float(raw)
+    return raw or None if f.type == "str | None" else raw
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="llada-server",
+        description="HTTP inference server for LLaDA masked diffusion language models.",
+        epilog="Every flag can also be set by its environment variable, shown in brackets.",
+    )
+    for f in dataclasses.fields(ServerConfig):
+        flag = "--" + f.name.replace("_", "-")
+        help_text = f"{f.metadata['help']} [{env_name(f.name)}]"
+        if f.type == "bool":
+            parser.add_argument(flag, action="store_true", default=None, help=help_text)
+        elif f.type == "tuple[str, ...]":
+            parser.add_argument(flag, action="append", default=None, help=help_text)
+        else:
+            kind = {"int": int, "float": float}.get(f.type, str)
+            parser.add_argument(flag, type=kind, default=None, choices=CHOICES.get(f.name), help=help_text)
+    return parser
+
+
+def load_config(argv: Sequence[str] | None = None, environ: dict[str, str] | None = None) -> ServerConfig:
+    """Flags, then LLADA_* variables, then defaults. Raises SystemExit(2) with a message on a bad value."""
+    parser = build_parser()
+    args = vars(parser.parse_args(argv))
+    environ = os.environ if environ is None else environ
+    values = {}
+    for f in dataclasses.fields(ServerConfig):
+        if args[f.name] is not None:
+            values[f.name] = tuple(args[f.name]) if f.type == "tuple[str, ...]" else args[f.name]
+        elif env_name(f.name) in environ:
+            try:
+                values[f.name] = _from_env(f, environ[env_name(f.name)])
+            except ValueError as exc:
+                parser.error(f"{env_name(f.name)}: {exc}")
+            if f.name in CHOICES and values[f.name] not in CHOICES[f.name]:
+                parser.error(f"{env_name(f.name)}: choose from {', '.join(CHOICES[f.name])}")
+    config = ServerConfig(**values)
+    problems = check_config(config)
+    if problems:
+        parser.error("; ".join(problems))
+    return config
+
+
+def check_config(config: ServerConfig) -> list[str]:
+    problems = []
+    for name in ("port", "max_batch_rows", "max_queue", "max_prompt_tokens", "max_gen_length", "max_steps",
+                 "max_mc_num", "max_score_requests", "max_body_bytes"):
+        if getattr(config, name) < 1:
+            problems.append(f"--{name.replace('_', '-')} must be at least 1")
+    for name in ("request_timeout", "shutdown_grace"):
+        if getattr(config, name) <= 0:
+            problems.append(f"--{name.replace('_', '-')} must be positive")
+    if not 0 <= config.max_padding_waste <= 1:
+        problems.append("--max-padding-waste must be between 0 and 1")
+    if config.max_batch_rows < 2:
+        problems.append("--max-batch-rows must be at least 2 so that a CFG request (two rows) fits")
+    return problems
