@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from server.engine.devices import resolve_device, resolve_dtype
 from server.engine.errors import CheckpointError
@@ -97,24 +97,32 @@ def shard_files(folder: Path) -> list[Path]:
     return files
 
 
+def read_shard(path: Path, shapes: dict[str, tuple[int, ...]], device: torch.device,
+               dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    tensors: dict[str, torch.Tensor] = {}
+    with safe_open(str(path), framework="pt", device="cpu") as shard:
+        for name in shard.keys():
+            if name not in shapes:
+                raise CheckpointError(f"{path.name}: unexpected tensor {name!r}, not part of a LLaDA model")
+            shape = tuple(shard.get_slice(name).get_shape())
+            if shape != shapes[name]:
+                raise CheckpointError(
+                    f"{path.name}: tensor {name!r} has shape {list(shape)}, config.json implies {list(shapes[name])}"
+                )
+            tensors[name] = shard.get_tensor(name).to(device=device, dtype=dtype)
+    return tensors
+
+
 def load_weights(model: LLaDAModel, files: list[Path], device: torch.device, dtype: torch.dtype) -> None:
     shapes = expected_shapes(model.config)
     loaded: set[str] = set()
     total_bytes = sum(f.stat().st_size for f in files)
     done_bytes, start = 0, time.monotonic()
     for number, path in enumerate(files, 1):
-        tensors: dict[str, torch.Tensor] = {}
-        with safe_open(str(path), framework="pt", device="cpu") as shard:
-            for name in shard.keys():
-                if name not in shapes:
-                    raise CheckpointError(f"{path.name}: unexpected tensor {name!r}, not part of a LLaDA model")
-                shape = tuple(shard.get_slice(name).get_shape())
-                if shape != shapes[name]:
-                    raise CheckpointError(
-                        f"{path.name}: tensor {name!r} has shape {list(shape)}, config.json implies "
-                        f"{list(shapes[name])}"
-                    )
-                tensors[name] = shard.get_tensor(name).to(device=device, dtype=dtype)
+        try:
+            tensors = read_shard(path, shapes, device, dtype)
+        except SafetensorError as exc:
+            raise CheckpointError(f"{path.name} is not a readable safetensors file (truncated?): {exc}") from exc
         model.load_state_dict(tensors, strict=False, assign=True)
         loaded.update(tensors)
         del tensors

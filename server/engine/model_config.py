@@ -32,6 +32,9 @@ class ModelConfig:
         return self.d_model // self.n_heads
 
     def validate(self) -> None:
+        for name in ("d_model", "n_layers", "n_heads", "n_kv_heads", "mlp_hidden_size", "vocab_size"):
+            if getattr(self, name) < 1:
+                raise CheckpointError(f"config.json: {name} must be a positive integer, got {getattr(self, name)}")
         if self.d_model % self.n_heads:
             raise CheckpointError(f"config.json: d_model {self.d_model} is not divisible by n_heads {self.n_heads}")
         if self.n_heads % self.n_kv_heads:
@@ -81,6 +84,8 @@ def read_model_config(folder: Path) -> ModelConfig:
         raw = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise CheckpointError(f"{path} is not valid JSON: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{path} must hold a JSON object, not {type(raw).__name__}")
     model_type = raw.get("model_type")
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise CheckpointError(
@@ -94,20 +99,22 @@ def read_model_config(folder: Path) -> ModelConfig:
     missing = [key for key in required if key not in raw]
     if missing:
         raise CheckpointError(f"{path} lacks required fields: {', '.join(missing)}")
-    n_heads = int(raw["n_heads"])
-    d_model = int(raw["d_model"])
-    mlp_hidden = raw.get("mlp_hidden_size") or int(raw.get("mlp_ratio", 4)) * d_model
-    vocab = int(raw.get("embedding_size") or raw["vocab_size"])
-    known = {f.name for f in dataclasses.fields(ModelConfig)}
-    optional = {k: raw[k] for k in known if k in raw and raw[k] is not None}
-    optional.update(
-        d_model=d_model,
-        n_layers=int(raw["n_layers"]),
-        n_heads=n_heads,
-        n_kv_heads=int(raw.get("n_kv_heads") or n_heads),
-        mlp_hidden_size=int(mlp_hidden),
-        vocab_size=vocab,
-    )
-    config = ModelConfig(**optional)
+    try:
+        n_heads = int(raw["n_heads"])
+        d_model = int(raw["d_model"])
+        fields = {f.name: f.type for f in dataclasses.fields(ModelConfig)}
+        values = {k: (float(raw[k]) if fields[k] == "float" else int(raw[k]))
+                  for k in fields if raw.get(k) is not None}
+        values.update(
+            d_model=d_model,
+            n_layers=int(raw["n_layers"]),
+            n_heads=n_heads,
+            n_kv_heads=int(raw.get("n_kv_heads") or n_heads),
+            mlp_hidden_size=int(raw.get("mlp_hidden_size") or int(raw.get("mlp_ratio", 4)) * d_model),
+            vocab_size=int(raw.get("embedding_size") or raw["vocab_size"]),
+        )
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"{path}: a numeric field has a non-numeric value: {exc}") from exc
+    config = ModelConfig(**values)
     config.validate()
     return config

@@ -48,6 +48,8 @@ class TextCodec:
             settings = json.loads(config_file.read_text())
         except json.JSONDecodeError as exc:
             raise CheckpointError(f"{config_file} is not valid JSON: {exc}") from exc
+        if not isinstance(settings, dict):
+            raise CheckpointError(f"{config_file} must hold a JSON object, not {type(settings).__name__}")
         kwargs = {}
         for name in SPECIAL_TOKEN_FIELDS:
             value = settings.get(name)
