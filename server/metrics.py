@@ -143,15 +143,23 @@ class Metrics:
             buckets=FORWARD_BUCKETS,
             registry=r,
         )
+        self.loop_iteration_seconds = Histogram(
+            "loop_iteration_seconds",
+            "One engine loop iteration with work: the forward plus choosing, revealing and handing out "
+            "events. forward_duration_seconds_sum / loop_iteration_seconds_sum is the share spent in forwards.",
+            namespace=_NS,
+            buckets=FORWARD_BUCKETS,
+            registry=r,
+        )
         self.denoise_steps_total = Counter(
             "denoise_steps",
-            "Denoising steps run (one per forward of the running batch).",
+            "Denoising steps taken, counted per job (one forward of 8 jobs is 8 steps).",
             namespace=_NS,
             registry=r,
         )
         self.generated_tokens_total = Counter(
             "generated_tokens",
-            "Answer tokens produced by finished generations.",
+            "Answer tokens revealed by denoising steps.",
             namespace=_NS,
             registry=r,
         )

@@ -111,13 +111,9 @@ def _generation_response(state: ServerState, request_id: str, ids: list[int], do
 
 async def _stream(state: ServerState, handle, request_id: str, ids: list[int]):
     token_text = _token_texts(state)
-    first = True
     try:
         async for event in handle.events():
             if isinstance(event, GenerationStep):
-                if first:
-                    state.metrics.time_to_first_step_seconds.observe(time.monotonic() - handle.started)
-                    first = False
                 data = StepData(step=event.step, block=event.block, masked=event.masked, unmasked=[
                     UnmaskedToken(index=r.index, token_id=r.token_id, text=token_text(r.token_id),
                                   confidence=r.confidence) for r in event.reveals])

@@ -50,8 +50,6 @@ class EngineWorker:
         self.denoiser = Denoiser(loaded)
         self.scorer = Scorer(loaded)
         self.death: str | None = None
-        self.forwards = 0
-        self.forward_seconds = 0.0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="llada-engine", daemon=True)
 
@@ -111,7 +109,9 @@ class EngineWorker:
                 batch = self.scheduler.next_batch(timeout=self.poll_s)
                 self._answer_cancelled()
                 if batch is not None:
+                    start = time.perf_counter()
                     self._run_batch(batch)
+                    self.metrics.loop_iteration_seconds.observe(time.perf_counter() - start)
                 self._update_gauges()
         except BaseException as exc:  # the loop itself broke: health must say so
             self.death = f"{type(exc).__name__}: {exc}"
@@ -140,8 +140,6 @@ class EngineWorker:
         start = time.perf_counter()
         result = run()
         elapsed = time.perf_counter() - start
-        self.forwards += 1
-        self.forward_seconds += elapsed
         self.metrics.forward_duration_seconds.observe(elapsed)
         return result
 
@@ -165,8 +163,11 @@ class EngineWorker:
         except Exception as exc:
             self._fail(jobs, "engine_error", f"the forward pass failed: {type(exc).__name__}: {exc}")
             return
+        now = time.monotonic()
         for job, event in zip(jobs, events):
             item: WorkItem = job.payload
+            if event.step == 1:
+                self.metrics.time_to_first_step_seconds.observe(now - item.submitted)
             item.sink(GenerationStep(event.step, event.block, event.reveals, event.masked))
             self.metrics.generated_tokens_total.inc(len(event.reveals))
             if event.finished:
