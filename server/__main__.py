@@ -59,8 +59,13 @@ def main(argv: list[str] | None = None) -> int:
     except (CheckpointError, DeviceError, ValueError) as exc:
         log.error("cannot load the model: %s", exc)
         return 1
-    log.info("model %s (%s) on %s, dtype %s", loaded.name, config.model or "built-in demo", loaded.device,
-             str(loaded.dtype).removeprefix("torch."))
+    log.info(
+        "model %s (%s) on %s, dtype %s",
+        loaded.name,
+        config.model or "built-in demo",
+        loaded.device,
+        str(loaded.dtype).removeprefix("torch."),
+    )
     try:
         app = create_app(config, loaded)
     except ValueError as exc:  # e.g. a malformed --inject-faults

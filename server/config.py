@@ -10,30 +10,38 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 
+def setting(default, help: str):
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass(frozen=True)
 class ServerConfig:
-    model: str | None = field(default=None, metadata={"help": "LLaDA-format model folder; the built-in demo model when unset"})
-    device: str = field(default="auto", metadata={"help": "auto, cpu, cuda or cuda:N"})
-    dtype: str = field(default="auto", metadata={"help": "auto (bf16 on CUDA, fp32 on CPU), bfloat16, float16, float32"})
-    host: str = field(default="127.0.0.1", metadata={"help": "address to listen on"})
-    port: int = field(default=8000, metadata={"help": "port to listen on"})
-    max_batch_rows: int = field(default=16, metadata={"help": "rows per forward pass (a CFG request counts two)"})
-    max_queue: int = field(default=64, metadata={"help": "requests waiting beyond the running batch; past it, 429"})
-    max_padding_waste: float = field(default=0.5, metadata={"help": "share of padded positions allowed when mixing lengths in one forward"})
-    max_prompt_tokens: int = field(default=4096, metadata={"help": "longest prompt, in tokens"})
-    max_gen_length: int = field(default=1024, metadata={"help": "largest gen_length"})
-    max_steps: int = field(default=1024, metadata={"help": "largest steps"})
-    max_mc_num: int = field(default=1024, metadata={"help": "largest mc_num for /v1/loglikelihood"})
-    max_score_requests: int = field(default=64, metadata={"help": "most (context, continuation) pairs in one scoring call"})
-    max_body_bytes: int = field(default=1_000_000, metadata={"help": "largest request body; past it, 413"})
-    request_timeout: float = field(default=600.0, metadata={"help": "seconds a request may take, queue time included; past it, 504"})
-    shutdown_grace: float = field(default=30.0, metadata={"help": "seconds SIGTERM waits for accepted work before answering it with an error"})
-    api_key: tuple[str, ...] = field(default=(), metadata={"help": "accepted Bearer key (repeatable; env LLADA_API_KEYS, comma-separated)"})
-    metrics_auth: bool = field(default=False, metadata={"help": "require the API key on /metrics too"})
-    cors_origin: tuple[str, ...] = field(default=(), metadata={"help": "allowed CORS origin (repeatable; env LLADA_CORS_ORIGINS, comma-separated); CORS is off when unset"})
-    log_format: str = field(default="text", metadata={"help": "text or json"})
-    log_level: str = field(default="info", metadata={"help": "debug, info, warning or error"})
-    inject_faults: str | None = field(default=None, metadata={"help": "TEST ONLY: fail forwards, e.g. 'error@3,oom@5' (see server/engine/faults.py)"})
+    model: str | None = setting(None, "LLaDA-format model folder; the built-in demo model when unset")
+    device: str = setting("auto", "auto, cpu, cuda or cuda:N")
+    dtype: str = setting("auto", "auto (bf16 on CUDA, fp32 on CPU), bfloat16, float16, float32")
+    host: str = setting("127.0.0.1", "address to listen on")
+    port: int = setting(8000, "port to listen on")
+    max_batch_rows: int = setting(16, "rows per forward pass (a CFG request counts two)")
+    max_queue: int = setting(64, "requests waiting beyond the running batch; past it, 429")
+    max_padding_waste: float = setting(0.5, "share of padded positions allowed when mixing lengths in one forward")
+    max_prompt_tokens: int = setting(4096, "longest prompt, in tokens")
+    max_gen_length: int = setting(1024, "largest gen_length")
+    max_steps: int = setting(1024, "largest steps")
+    max_mc_num: int = setting(1024, "largest mc_num for /v1/loglikelihood")
+    max_score_requests: int = setting(64, "most (context, continuation) pairs in one scoring call")
+    max_body_bytes: int = setting(1_000_000, "largest request body; past it, 413")
+    request_timeout: float = setting(600.0, "seconds a request may take, queue time included; past it, 504")
+    shutdown_grace: float = setting(30.0, "seconds SIGTERM waits for accepted work before answering it with an error")
+    api_key: tuple[str, ...] = setting((), "accepted Bearer key (repeatable; env LLADA_API_KEYS, comma-separated)")
+    metrics_auth: bool = setting(False, "require the API key on /metrics too")
+    cors_origin: tuple[str, ...] = setting(
+        (), "allowed CORS origin (repeatable; env LLADA_CORS_ORIGINS, comma-separated); CORS is off when unset"
+    )
+    log_format: str = setting("text", "text or json")
+    log_level: str = setting("info", "debug, info, warning or error")
+    inject_faults: str | None = setting(
+        None, "TEST ONLY: fail forwards, e.g. 'error@3,oom@5' (see server/engine/faults.py)"
+    )
 
     @property
     def api_keys(self) -> tuple[str, ...]:
@@ -114,8 +122,17 @@ def load_config(argv: Sequence[str] | None = None, environ: dict[str, str] | Non
 
 def check_config(config: ServerConfig) -> list[str]:
     problems = []
-    for name in ("port", "max_batch_rows", "max_queue", "max_prompt_tokens", "max_gen_length", "max_steps",
-                 "max_mc_num", "max_score_requests", "max_body_bytes"):
+    for name in (
+        "port",
+        "max_batch_rows",
+        "max_queue",
+        "max_prompt_tokens",
+        "max_gen_length",
+        "max_steps",
+        "max_mc_num",
+        "max_score_requests",
+        "max_body_bytes",
+    ):
         if getattr(config, name) < 1:
             problems.append(f"--{name.replace('_', '-')} must be at least 1")
     for name in ("request_timeout", "shutdown_grace"):

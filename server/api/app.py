@@ -24,8 +24,13 @@ def build_state(config: ServerConfig, loaded: LoadedModel) -> ServerState:
     metrics = Metrics()
     scheduler = Scheduler(config.max_batch_rows, config.max_queue, config.max_padding_waste)
     worker = EngineWorker(loaded, scheduler, metrics, FaultInjector(config.inject_faults))
-    return ServerState(config=config, loaded=loaded, worker=worker,
-                       client=EngineClient(worker, metrics, config.request_timeout), metrics=metrics)
+    return ServerState(
+        config=config,
+        loaded=loaded,
+        worker=worker,
+        client=EngineClient(worker, metrics, config.request_timeout),
+        metrics=metrics,
+    )
 
 
 def create_app(config: ServerConfig, loaded: LoadedModel) -> FastAPI:
@@ -43,8 +48,12 @@ def create_app(config: ServerConfig, loaded: LoadedModel) -> FastAPI:
     app.state.server = state
     app.include_router(router)
     install_error_handlers(app)
-    if config.cors_origin:
-        app.add_middleware(CORSMiddleware, allow_origins=list(config.cors_origin), allow_methods=["GET", "POST"],
-                           allow_headers=["Authorization", "Content-Type"])
     app.add_middleware(Gate, state=state)
+    if config.cors_origin:  # added last = outermost: preflights and Gate's errors get CORS headers
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=list(config.cors_origin),
+            allow_methods=["GET", "POST"],
+            allow_headers=["Authorization", "Content-Type"],
+        )
     return app

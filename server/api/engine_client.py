@@ -55,8 +55,11 @@ class RequestHandle:
             except asyncio.TimeoutError:
                 self.cancel()
                 self.client.metrics.rejected_total.labels(reason="timeout").inc()
-                raise ApiError(504, f"the request took longer than --request-timeout "
-                                    f"({self.client.timeout_s:g}s) and was cancelled", code="timeout") from None
+                raise ApiError(
+                    504,
+                    f"the request took longer than --request-timeout ({self.client.timeout_s:g}s) and was cancelled",
+                    code="timeout",
+                ) from None
             if isinstance(event, TERMINAL):
                 self.ended = True
             if isinstance(event, JobFailed):
@@ -91,9 +94,12 @@ class EngineClient:
             handle.job_id = submit(handle.sink)
         except QueueFull as exc:
             self.metrics.rejected_total.labels(reason="queue_full").inc()
-            raise ApiError(429, f"the server is at capacity ({self.worker.scheduler.max_queue} requests waiting); "
-                                "retry later", code="queue_full",
-                           headers={"Retry-After": str(max(1, round(exc.retry_after)))}) from None
+            raise ApiError(
+                429,
+                f"the server is at capacity ({self.worker.scheduler.max_queue} requests waiting); retry later",
+                code="queue_full",
+                headers={"Retry-After": str(max(1, round(exc.retry_after)))},
+            ) from None
         except SchedulerClosed:
             self.metrics.rejected_total.labels(reason="draining").inc()
             raise ApiError(503, "the server is shutting down and takes no new requests", code="draining") from None

@@ -16,8 +16,16 @@ TYPES_BY_STATUS = {
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, message: str, *, param: str | None = None, code: str = "invalid_request",
-                 error_type: str | None = None, headers: dict[str, str] | None = None):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str = "invalid_request",
+        error_type: str | None = None,
+        headers: dict[str, str] | None = None,
+    ):
         super().__init__(message)
         self.status = status
         self.message = message
@@ -72,8 +80,12 @@ def install_error_handlers(app: FastAPI) -> None:
             message = f"no route {request.method} {request.url.path}"
         elif exc.status_code == 405:
             message = f"method {request.method} is not allowed on {request.url.path}"
-        return ApiError(exc.status_code, message, code=STATUS_CODES.get(exc.status_code, "http_error"),
-                        headers=getattr(exc, "headers", None)).response()
+        return ApiError(
+            exc.status_code,
+            message,
+            code=STATUS_CODES.get(exc.status_code, "http_error"),
+            headers=getattr(exc, "headers", None),
+        ).response()
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:

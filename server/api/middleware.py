@@ -11,22 +11,25 @@ import time
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server.api.errors import ApiError
-from server.metrics import Metrics
 
 log = logging.getLogger("llada.api")
 
-ENDPOINTS = ("/v1/generate", "/v1/loglikelihood", "/v1/tokenize", "/v1/detokenize", "/v1/models", "/health",
-             "/metrics", "/")
+ENDPOINTS = (
+    "/v1/generate",
+    "/v1/loglikelihood",
+    "/v1/tokenize",
+    "/v1/detokenize",
+    "/v1/models",
+    "/health",
+    "/metrics",
+    "/",
+)
 OPEN_PATHS = ("/health",)
 
 
 def endpoint_label(path: str) -> str:
     """A bounded label: unknown paths are 'other', so scanners cannot blow up the series count."""
     return path if path in ENDPOINTS else "other"
-
-
-class BodyTooLarge(Exception):
-    pass
 
 
 class Gate:
@@ -38,39 +41,41 @@ class Gate:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        config, metrics = self.state.config, self.state.metrics
+        metrics = self.state.metrics
         path, method = scope["path"], scope["method"]
         endpoint = endpoint_label(path)
         start = time.monotonic()
-        status_holder = {"status": 500}
+        # 499 (client closed the request) unless a response starts; a stream whose client leaves
+        # keeps the status it started with.
+        status = 499
 
         async def counting_send(message: Message) -> None:
+            nonlocal status
             if message["type"] == "http.response.start":
-                status_holder["status"] = message["status"]
+                status = message["status"]
             await send(message)
-            if message["type"] == "http.response.body" and not message.get("more_body", False):
-                _record(metrics, endpoint, status_holder["status"], time.monotonic() - start)
-
-        rejection = self._reject(scope, path, method)
-        if rejection is not None:
-            await _send_error(rejection, counting_send)
-            return
-
-        limit, seen = config.max_body_bytes, 0
-
-        async def limited_receive() -> Message:
-            nonlocal seen
-            message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > limit:
-                    raise BodyTooLarge()
-            return message
 
         try:
-            await self.app(scope, limited_receive, counting_send)
-        except BodyTooLarge:
-            await _send_error(_too_large(limit), counting_send)
+            await self._handle(scope, receive, counting_send, path, method)
+        finally:
+            metrics.requests_total.labels(endpoint=endpoint, status=str(status)).inc()
+            metrics.request_duration_seconds.labels(endpoint=endpoint).observe(time.monotonic() - start)
+
+    async def _handle(self, scope: Scope, receive: Receive, send: Send, path: str, method: str) -> None:
+        rejection = self._reject(scope, path, method)
+        if rejection is not None:
+            await _send_error(rejection, send)
+            return
+
+        if _header(scope, "content-length") is None and method in ("POST", "PUT", "PATCH"):
+            # No declared length (chunked): read up to the limit before the app sees anything.
+            body = await _read_limited(receive, self.state.config.max_body_bytes)
+            if body is None:
+                self.state.metrics.rejected_total.labels(reason="too_large").inc()
+                await _send_error(_too_large(self.state.config.max_body_bytes), send)
+                return
+            receive = _replay(body, receive)
+        await self.app(scope, receive, send)
 
     def _reject(self, scope: Scope, path: str, method: str) -> ApiError | None:
         config, metrics = self.state.config, self.state.metrics
@@ -80,8 +85,12 @@ class Gate:
             return ApiError(503, "the server is shutting down and takes no new requests", code="draining")
         if config.api_keys and needs_key(path, config.metrics_auth) and not key_ok(headers, config.api_keys):
             metrics.rejected_total.labels(reason="unauthorized").inc()
-            return ApiError(401, "missing or wrong API key: send 'Authorization: Bearer KEY'", code="invalid_api_key",
-                            headers={"WWW-Authenticate": "Bearer"})
+            return ApiError(
+                401,
+                "missing or wrong API key: send 'Authorization: Bearer KEY'",
+                code="invalid_api_key",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
         length = headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > config.max_body_bytes:
             metrics.rejected_total.labels(reason="too_large").inc()
@@ -90,8 +99,11 @@ class Gate:
             content_type = headers.get("content-type", "").split(";")[0].strip().lower()
             if content_type != "application/json":
                 metrics.rejected_total.labels(reason="invalid").inc()
-                return ApiError(415, f"send the body as application/json (got {content_type or 'no content type'})",
-                                code="unsupported_media_type")
+                return ApiError(
+                    415,
+                    f"send the body as application/json (got {content_type or 'no content type'})",
+                    code="unsupported_media_type",
+                )
         return None
 
 
@@ -112,13 +124,43 @@ def key_ok(headers: dict[str, str], keys: tuple[str, ...]) -> bool:
     return matched
 
 
+def _header(scope: Scope, name: str) -> str | None:
+    for key, value in scope["headers"]:
+        if key.decode("latin-1").lower() == name:
+            return value.decode("latin-1")
+    return None
+
+
+async def _read_limited(receive: Receive, limit: int) -> bytes | None:
+    """The whole body, or None as soon as it passes limit bytes."""
+    chunks, size = [], 0
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":
+            return b"".join(chunks)
+        chunks.append(message.get("body", b""))
+        size += len(chunks[-1])
+        if size > limit:
+            return None
+        if not message.get("more_body", False):
+            return b"".join(chunks)
+
+
+def _replay(body: bytes, receive: Receive) -> Receive:
+    sent = False
+
+    async def replay() -> Message:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()  # after the body: disconnect notifications
+
+    return replay
+
+
 def _too_large(limit: int) -> ApiError:
     return ApiError(413, f"the body is larger than {limit} bytes (--max-body-bytes)", code="body_too_large")
-
-
-def _record(metrics: Metrics, endpoint: str, status: int, seconds: float) -> None:
-    metrics.requests_total.labels(endpoint=endpoint, status=str(status)).inc()
-    metrics.request_duration_seconds.labels(endpoint=endpoint).observe(seconds)
 
 
 async def _send_error(error: ApiError, send: Send) -> None:

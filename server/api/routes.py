@@ -16,9 +16,23 @@ from sse_starlette.sse import EventSourceResponse
 from server.api import validation
 from server.api.errors import ApiError
 from server.api.schemas import (
-    DetokenizeRequest, DetokenizeResponse, GenerateRequest, GenerateResponse, Health, LoglikelihoodRequest,
-    LoglikelihoodResponse, ModelCard, ModelList, ScoreResultBody, ScoreUsage, StepData, Timing, TokenizeRequest,
-    TokenizeResponse, UnmaskedToken, Usage,
+    DetokenizeRequest,
+    DetokenizeResponse,
+    GenerateRequest,
+    GenerateResponse,
+    Health,
+    LoglikelihoodRequest,
+    LoglikelihoodResponse,
+    ModelCard,
+    ModelList,
+    ScoreResultBody,
+    ScoreUsage,
+    StepData,
+    Timing,
+    TokenizeRequest,
+    TokenizeResponse,
+    UnmaskedToken,
+    Usage,
 )
 from server.api.state import ServerState
 from server.engine.events import GenerationDone, GenerationStep, ScoringDone
@@ -39,9 +53,14 @@ def log_request(request_id: str, endpoint: str, status: int, **fields) -> None:
 async def health(request: Request) -> JSONResponse:
     state = state_of(request)
     status = "dead" if not state.worker.alive else "draining" if state.draining else "ready"
-    body = Health(status=status, model=state.loaded.name, device=str(state.loaded.device),
-                  dtype=str(state.loaded.dtype).removeprefix("torch."), queue_depth=state.worker.scheduler.queue_depth,
-                  running_jobs=state.worker.scheduler.running)
+    body = Health(
+        status=status,
+        model=state.loaded.name,
+        device=str(state.loaded.device),
+        dtype=str(state.loaded.dtype).removeprefix("torch."),
+        queue_depth=state.worker.scheduler.queue_depth,
+        running_jobs=state.worker.scheduler.running,
+    )
     return JSONResponse(body.model_dump(), status_code=200 if status == "ready" else 503)
 
 
@@ -70,8 +89,9 @@ async def detokenize(body: DetokenizeRequest, request: Request) -> DetokenizeRes
     vocab = state.loaded.config.vocab_size
     for i, token in enumerate(body.tokens):
         if token >= vocab:
-            raise validation.bad(f"tokens[{i}] = {token} is outside the vocabulary (0..{vocab - 1})", "tokens",
-                                 "token_out_of_range")
+            raise validation.bad(
+                f"tokens[{i}] = {token} is outside the vocabulary (0..{vocab - 1})", "tokens", "token_out_of_range"
+            )
     return DetokenizeResponse(prompt=state.loaded.codec.decode(body.tokens, skip_special_tokens=False))
 
 
@@ -95,14 +115,26 @@ async def generate(body: GenerateRequest, request: Request):
     return _generation_response(state, request_id, ids, done, handle)
 
 
-def _generation_response(state: ServerState, request_id: str, ids: list[int], done: GenerationDone,
-                         handle) -> GenerateResponse:
+def _generation_response(
+    state: ServerState, request_id: str, ids: list[int], done: GenerationDone, handle
+) -> GenerateResponse:
     text, stopped = state.loaded.codec.answer_text(done.token_ids, state.loaded.special.stops)
     total = time.monotonic() - handle.started
-    log_request(request_id, "/v1/generate", 200, prompt_tokens=len(ids), answer_tokens=len(done.token_ids),
-                steps=done.steps, queue_s=round(done.queue_s, 4), total_s=round(total, 4))
+    log_request(
+        request_id,
+        "/v1/generate",
+        200,
+        prompt_tokens=len(ids),
+        answer_tokens=len(done.token_ids),
+        steps=done.steps,
+        queue_s=round(done.queue_s, 4),
+        total_s=round(total, 4),
+    )
     return GenerateResponse(
-        id=request_id, model=state.loaded.name, text=text, token_ids=done.token_ids,
+        id=request_id,
+        model=state.loaded.name,
+        text=text,
+        token_ids=done.token_ids,
         finish_reason="stop" if stopped else "length",
         usage=Usage(prompt_tokens=len(ids), completion_tokens=len(done.token_ids), nfe=done.steps),
         timing=Timing(queue_s=done.queue_s, total_s=total),
@@ -114,9 +146,17 @@ async def _stream(state: ServerState, handle, request_id: str, ids: list[int]):
     try:
         async for event in handle.events():
             if isinstance(event, GenerationStep):
-                data = StepData(step=event.step, block=event.block, masked=event.masked, unmasked=[
-                    UnmaskedToken(index=r.index, token_id=r.token_id, text=token_text(r.token_id),
-                                  confidence=r.confidence) for r in event.reveals])
+                data = StepData(
+                    step=event.step,
+                    block=event.block,
+                    masked=event.masked,
+                    unmasked=[
+                        UnmaskedToken(
+                            index=r.index, token_id=r.token_id, text=token_text(r.token_id), confidence=r.confidence
+                        )
+                        for r in event.reveals
+                    ],
+                )
                 yield {"event": "step", "data": data.model_dump_json()}
             elif isinstance(event, GenerationDone):
                 response = _generation_response(state, request_id, ids, event, handle)
@@ -154,12 +194,24 @@ async def loglikelihood(body: LoglikelihoodRequest, request: Request) -> Loglike
     finally:
         handle.cancel()
     total = time.monotonic() - handle.started
-    log_request(request_id, "/v1/loglikelihood", 200, prompt_tokens=prompt_tokens, rows=done.rows,
-                queue_s=round(done.queue_s, 4), total_s=round(total, 4))
+    log_request(
+        request_id,
+        "/v1/loglikelihood",
+        200,
+        prompt_tokens=prompt_tokens,
+        rows=done.rows,
+        queue_s=round(done.queue_s, 4),
+        total_s=round(total, 4),
+    )
     return LoglikelihoodResponse(
-        id=request_id, model=state.loaded.name,
-        results=[ScoreResultBody(loglikelihood=r.loglikelihood, is_greedy=r.is_greedy, context_tokens=len(a),
-                                 continuation_tokens=len(b)) for r, (a, b) in zip(done.results, pairs)],
+        id=request_id,
+        model=state.loaded.name,
+        results=[
+            ScoreResultBody(
+                loglikelihood=r.loglikelihood, is_greedy=r.is_greedy, context_tokens=len(a), continuation_tokens=len(b)
+            )
+            for r, (a, b) in zip(done.results, pairs)
+        ],
         usage=ScoreUsage(prompt_tokens=prompt_tokens, forward_rows=done.rows),
         timing=Timing(queue_s=done.queue_s, total_s=total),
     )

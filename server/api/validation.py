@@ -21,15 +21,20 @@ def check_ids(ids: list[int], loaded: LoadedModel, param: str) -> None:
         if token >= vocab:
             raise bad(f"{param}[{i}] = {token} is outside the vocabulary (0..{vocab - 1})", param, "token_out_of_range")
         if token == loaded.special.mask:
-            raise bad(f"{param}[{i}] is the mask token {token}, which may not appear in a prompt", param, "mask_in_prompt")
+            raise bad(
+                f"{param}[{i}] is the mask token {token}, which may not appear in a prompt", param, "mask_in_prompt"
+            )
 
 
 def prompt_ids(request: PromptFields, loaded: LoadedModel, config: ServerConfig) -> list[int]:
     given = [name for name in ("prompt", "messages", "input_ids") if getattr(request, name, None) is not None]
     if len(given) != 1:
         names = "prompt, messages or input_ids" if hasattr(request, "input_ids") else "prompt or messages"
-        raise bad(f"give exactly one of {names} (got {', '.join(given) or 'none'})", given[-1] if given else "prompt",
-                  "prompt_required")
+        raise bad(
+            f"give exactly one of {names} (got {', '.join(given) or 'none'})",
+            given[-1] if given else "prompt",
+            "prompt_required",
+        )
     source = given[0]
     codec = loaded.codec
     if source == "prompt":
@@ -38,7 +43,9 @@ def prompt_ids(request: PromptFields, loaded: LoadedModel, config: ServerConfig)
         ids = codec.encode(request.prompt, add_special_tokens=getattr(request, "add_special_tokens", False))
     elif source == "messages":
         if not codec.has_chat_template:
-            raise bad("this model's tokenizer has no chat template; send prompt or input_ids", "messages", "no_chat_template")
+            raise bad(
+                "this model's tokenizer has no chat template; send prompt or input_ids", "messages", "no_chat_template"
+            )
         ids = codec.encode_chat([m.model_dump() for m in request.messages])
     else:
         ids = list(request.input_ids)
@@ -46,12 +53,17 @@ def prompt_ids(request: PromptFields, loaded: LoadedModel, config: ServerConfig)
             raise bad("input_ids is empty", "input_ids", "empty_prompt")
     check_ids(ids, loaded, source)
     if len(ids) > config.max_prompt_tokens:
-        raise bad(f"the prompt has {len(ids)} tokens; the limit is {config.max_prompt_tokens} (--max-prompt-tokens)",
-                  source, "prompt_too_long")
+        raise bad(
+            f"the prompt has {len(ids)} tokens; the limit is {config.max_prompt_tokens} (--max-prompt-tokens)",
+            source,
+            "prompt_too_long",
+        )
     return ids
 
 
-def constraint_tokens(constraints: list[Constraint], gen_length: int, loaded: LoadedModel) -> tuple[tuple[int, int], ...]:
+def constraint_tokens(
+    constraints: list[Constraint], gen_length: int, loaded: LoadedModel
+) -> tuple[tuple[int, int], ...]:
     """[(answer position, token id)]; a text constraint is the word's tokens with a leading space,
     written from its position on (as the authors' demo does)."""
     pinned: dict[int, int] = {}
@@ -64,22 +76,30 @@ def constraint_tokens(constraints: list[Constraint], gen_length: int, loaded: Lo
             check_ids(tokens, loaded, param + ".token_id")
         end = constraint.position + len(tokens)
         if end > gen_length:
-            raise bad(f"{param} covers answer positions {constraint.position}..{end - 1} but gen_length is "
-                      f"{gen_length}", param, "constraint_out_of_range")
+            raise bad(
+                f"{param} covers answer positions {constraint.position}..{end - 1} but gen_length is {gen_length}",
+                param,
+                "constraint_out_of_range",
+            )
         for offset, token in enumerate(tokens):
             position = constraint.position + offset
             if position in pinned:
-                raise bad(f"{param} overlaps an earlier constraint at answer position {position}", param,
-                          "constraint_overlap")
+                raise bad(
+                    f"{param} overlaps an earlier constraint at answer position {position}", param, "constraint_overlap"
+                )
             pinned[position] = token
     return tuple(sorted(pinned.items()))
 
 
-def sampling_params(request: GenerateRequest, prompt_len: int, loaded: LoadedModel,
-                    config: ServerConfig) -> SamplingParams:
+def sampling_params(
+    request: GenerateRequest, prompt_len: int, loaded: LoadedModel, config: ServerConfig
+) -> SamplingParams:
     if request.gen_length > config.max_gen_length:
-        raise bad(f"gen_length {request.gen_length} is over the limit {config.max_gen_length} (--max-gen-length)",
-                  "gen_length", "over_limit")
+        raise bad(
+            f"gen_length {request.gen_length} is over the limit {config.max_gen_length} (--max-gen-length)",
+            "gen_length",
+            "over_limit",
+        )
     if request.steps > config.max_steps:
         raise bad(f"steps {request.steps} is over the limit {config.max_steps} (--max-steps)", "steps", "over_limit")
     block_length = request.block_length if request.block_length is not None else min(32, request.gen_length)
@@ -87,8 +107,12 @@ def sampling_params(request: GenerateRequest, prompt_len: int, loaded: LoadedMod
         raise bad(f"block_length {block_length} is larger than gen_length {request.gen_length}", "block_length")
     total = prompt_len + request.gen_length
     if total > loaded.config.max_sequence_length:
-        raise bad(f"prompt ({prompt_len} tokens) plus gen_length ({request.gen_length}) exceeds the model's "
-                  f"max_sequence_length {loaded.config.max_sequence_length}", "gen_length", "too_long")
+        raise bad(
+            f"prompt ({prompt_len} tokens) plus gen_length ({request.gen_length}) exceeds the model's "
+            f"max_sequence_length {loaded.config.max_sequence_length}",
+            "gen_length",
+            "too_long",
+        )
     return SamplingParams(
         gen_length=request.gen_length,
         steps=request.steps,
@@ -103,13 +127,20 @@ def sampling_params(request: GenerateRequest, prompt_len: int, loaded: LoadedMod
     )
 
 
-def score_inputs(request: LoglikelihoodRequest, loaded: LoadedModel,
-                 config: ServerConfig) -> tuple[list[tuple[list[int], list[int]]], ScoreParams]:
+def score_inputs(
+    request: LoglikelihoodRequest, loaded: LoadedModel, config: ServerConfig
+) -> tuple[list[tuple[list[int], list[int]]], ScoreParams]:
     if len(request.requests) > config.max_score_requests:
-        raise bad(f"{len(request.requests)} requests in one call; the limit is {config.max_score_requests} "
-                  "(--max-score-requests)", "requests", "over_limit")
+        raise bad(
+            f"{len(request.requests)} requests in one call; the limit is {config.max_score_requests} "
+            "(--max-score-requests)",
+            "requests",
+            "over_limit",
+        )
     if request.mc_num > config.max_mc_num:
-        raise bad(f"mc_num {request.mc_num} is over the limit {config.max_mc_num} (--max-mc-num)", "mc_num", "over_limit")
+        raise bad(
+            f"mc_num {request.mc_num} is over the limit {config.max_mc_num} (--max-mc-num)", "mc_num", "over_limit"
+        )
     pairs = []
     for i, item in enumerate(request.requests):
         param = f"requests.{i}"
@@ -120,13 +151,26 @@ def score_inputs(request: LoglikelihoodRequest, loaded: LoadedModel,
         check_ids(context, loaded, param + ".context")
         check_ids(continuation, loaded, param + ".continuation")
         if not continuation:
-            raise bad(f"{param}: the continuation is empty (no tokens to score)", param + ".continuation", "empty_continuation")
+            raise bad(
+                f"{param}: the continuation is empty (no tokens to score)",
+                param + ".continuation",
+                "empty_continuation",
+            )
         if len(context) + len(continuation) > min(config.max_prompt_tokens, loaded.config.max_sequence_length):
-            raise bad(f"{param}: context plus continuation has {len(context) + len(continuation)} tokens; the limit is "
-                      f"{min(config.max_prompt_tokens, loaded.config.max_sequence_length)}", param, "prompt_too_long")
+            raise bad(
+                f"{param}: context plus continuation has {len(context) + len(continuation)} tokens; the limit is "
+                f"{min(config.max_prompt_tokens, loaded.config.max_sequence_length)}",
+                param,
+                "prompt_too_long",
+            )
         pairs.append((context, continuation))
-    params = ScoreParams(mc_num=request.mc_num, batch_size=min(request.batch_size, request.mc_num),
-                         cfg_scale=request.cfg_scale, greedy=request.greedy, seed=request.seed)
+    params = ScoreParams(
+        mc_num=request.mc_num,
+        batch_size=min(request.batch_size, request.mc_num),
+        cfg_scale=request.cfg_scale,
+        greedy=request.greedy,
+        seed=request.seed,
+    )
     if params.rows_per_unit > config.max_batch_rows:
         raise bad("cfg_scale > 0 needs two rows per sample but --max-batch-rows is 1", "cfg_scale")
     return pairs, params

@@ -115,8 +115,12 @@ def init_weights(model: LLaDAModel, seed: int) -> None:
     head.mul_(2.0).masked_fill_(~emitted[:, None], 0.0)
 
 
-def build_demo(config: ModelConfig | None = None, seed: int = 0, dtype: torch.dtype = torch.float32,
-               device: str | torch.device = "cpu") -> LoadedModel:
+def build_demo(
+    config: ModelConfig | None = None,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+) -> LoadedModel:
     config = config or demo_config()
     config.validate()
     with torch.device("meta"):
@@ -132,8 +136,9 @@ def build_demo(config: ModelConfig | None = None, seed: int = 0, dtype: torch.dt
     )
 
 
-def save_checkpoint(loaded: LoadedModel, folder: str | Path, max_shard_bytes: int | None = None,
-                    dtype: torch.dtype | None = None) -> Path:
+def save_checkpoint(
+    loaded: LoadedModel, folder: str | Path, max_shard_bytes: int | None = None, dtype: torch.dtype | None = None
+) -> Path:
     """Write a LLaDA-format folder: config.json, tokenizer files and safetensors weights, sharded
     with an index when the weights exceed max_shard_bytes."""
     folder = Path(folder)
@@ -158,7 +163,9 @@ def save_checkpoint(loaded: LoadedModel, folder: str | Path, max_shard_bytes: in
         filename = f"model-{number:05d}-of-{len(shards):05d}.safetensors"
         save_file(shard, str(folder / filename), metadata={"format": "pt"})
         weight_map.update(dict.fromkeys(shard, filename))
-    index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in state.values())},
-             "weight_map": weight_map}
+    index = {
+        "metadata": {"total_size": sum(t.numel() * t.element_size() for t in state.values())},
+        "weight_map": weight_map,
+    }
     (folder / INDEX_FILE).write_text(json.dumps(index, indent=2))
     return folder

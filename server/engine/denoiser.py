@@ -55,7 +55,7 @@ class DenoiseJob:
 
     @property
     def answer(self) -> list[int]:
-        return self.canvas[self.prompt_len:].tolist()
+        return self.canvas[self.prompt_len :].tolist()
 
     @property
     def rows(self) -> int:
@@ -144,7 +144,7 @@ class Denoiser:
         block = job.block
         if job.step_in_block == len(job.schedule):
             self._next_block(job)
-        masked = int((job.canvas[job.prompt_len:] == self.mask_id).sum())
+        masked = int((job.canvas[job.prompt_len :] == self.mask_id).sum())
         return StepEvent(job=job, step=job.steps_done, block=block, reveals=reveals, masked=masked)
 
 

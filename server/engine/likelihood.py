@@ -193,8 +193,9 @@ class Scorer:
             job.results[state.pair].is_greedy = False
 
 
-def score_pairs(loaded: LoadedModel, pairs: list[tuple[list[int], list[int]]], params: ScoreParams,
-                max_rows: int = 64) -> list[ScoreResult]:
+def score_pairs(
+    loaded: LoadedModel, pairs: list[tuple[list[int], list[int]]], params: ScoreParams, max_rows: int = 64
+) -> list[ScoreResult]:
     """Score pairs to completion in forwards of at most max_rows rows."""
     scorer = Scorer(loaded)
     job = scorer.new_job(pairs, params)

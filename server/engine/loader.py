@@ -61,8 +61,7 @@ def resolve_special_ids(config: ModelConfig, codec: TextCodec) -> SpecialIds:
     eos_in_tokenizer = codec.tokenizer.eos_token_id
     if eos_in_tokenizer is not None and eos_in_tokenizer != config.eos_token_id:
         raise CheckpointError(
-            f"tokenizer's eos_token has id {eos_in_tokenizer} but config.json says eos_token_id "
-            f"{config.eos_token_id}"
+            f"tokenizer's eos_token has id {eos_in_tokenizer} but config.json says eos_token_id {config.eos_token_id}"
         )
     bos = codec.tokenizer.bos_token_id
     return SpecialIds(
@@ -97,8 +96,9 @@ def shard_files(folder: Path) -> list[Path]:
     return files
 
 
-def read_shard(path: Path, shapes: dict[str, tuple[int, ...]], device: torch.device,
-               dtype: torch.dtype) -> dict[str, torch.Tensor]:
+def read_shard(
+    path: Path, shapes: dict[str, tuple[int, ...]], device: torch.device, dtype: torch.dtype
+) -> dict[str, torch.Tensor]:
     tensors: dict[str, torch.Tensor] = {}
     with safe_open(str(path), framework="pt", device="cpu") as shard:
         for name in shard.keys():
@@ -129,7 +129,11 @@ def load_weights(model: LLaDAModel, files: list[Path], device: torch.device, dty
         done_bytes += path.stat().st_size
         log.info(
             "loaded shard %d/%d %s (%.0f%% of %.2f GB, %.1fs)",
-            number, len(files), path.name, 100 * done_bytes / total_bytes, total_bytes / 1e9,
+            number,
+            len(files),
+            path.name,
+            100 * done_bytes / total_bytes,
+            total_bytes / 1e9,
             time.monotonic() - start,
         )
     missing = sorted(set(shapes) - loaded)

@@ -45,7 +45,9 @@ class ModelConfig:
             raise CheckpointError(f"config.json: head dim {self.head_dim} must be even for rotary embeddings")
         for name in ("mask_token_id", "eos_token_id"):
             if not 0 <= getattr(self, name) < self.vocab_size:
-                raise CheckpointError(f"config.json: {name} {getattr(self, name)} is outside vocab_size {self.vocab_size}")
+                raise CheckpointError(
+                    f"config.json: {name} {getattr(self, name)} is outside vocab_size {self.vocab_size}"
+                )
 
     def to_json_dict(self) -> dict:
         """The config.json a real LLaDA checkpoint carries, for this shape."""
@@ -103,8 +105,7 @@ def read_model_config(folder: Path) -> ModelConfig:
         n_heads = int(raw["n_heads"])
         d_model = int(raw["d_model"])
         fields = {f.name: f.type for f in dataclasses.fields(ModelConfig)}
-        values = {k: (float(raw[k]) if fields[k] == "float" else int(raw[k]))
-                  for k in fields if raw.get(k) is not None}
+        values = {k: (float(raw[k]) if fields[k] == "float" else int(raw[k])) for k in fields if raw.get(k) is not None}
         values.update(
             d_model=d_model,
             n_layers=int(raw["n_layers"]),

@@ -112,4 +112,4 @@ class TextCodec:
             context = context[:-n_spaces]
         whole = self.tokenizer(context + continuation)["input_ids"]
         context_ids = self.tokenizer(context)["input_ids"]
-        return context_ids, whole[len(context_ids):]
+        return context_ids, whole[len(context_ids) :]

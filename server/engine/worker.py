@@ -40,8 +40,14 @@ class WorkItem:
 
 
 class EngineWorker:
-    def __init__(self, loaded: LoadedModel, scheduler: Scheduler, metrics: Metrics | None = None,
-                 faults: FaultInjector | None = None, poll_s: float = 0.05):
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        scheduler: Scheduler,
+        metrics: Metrics | None = None,
+        faults: FaultInjector | None = None,
+        poll_s: float = 0.05,
+    ):
         self.loaded = loaded
         self.scheduler = scheduler
         self.metrics = metrics or Metrics()
@@ -64,8 +70,12 @@ class EngineWorker:
 
     def submit_generate(self, prompt_ids: list[int], params: SamplingParams, sink: Sink) -> str:
         engine_job = self.denoiser.new_job(prompt_ids, params)
-        job = Job(JobKind.GENERATE, length=len(engine_job.canvas), rows_per_unit=params.rows,
-                  payload=WorkItem(engine_job, sink, time.monotonic()))
+        job = Job(
+            JobKind.GENERATE,
+            length=len(engine_job.canvas),
+            rows_per_unit=params.rows,
+            payload=WorkItem(engine_job, sink, time.monotonic()),
+        )
         if engine_job.finished:  # every answer position was pinned: nothing to denoise
             sink(GenerationDone(engine_job.answer, 0, 0.0))
             return job.id
@@ -73,9 +83,13 @@ class EngineWorker:
 
     def submit_score(self, pairs: list[tuple[list[int], list[int]]], params: ScoreParams, sink: Sink) -> str:
         engine_job = self.scorer.new_job(pairs, params)
-        job = Job(JobKind.SCORE, length=max(len(a) + len(b) for a, b in pairs),
-                  rows_per_unit=params.rows_per_unit, units=engine_job.units,
-                  payload=WorkItem(engine_job, sink, time.monotonic()))
+        job = Job(
+            JobKind.SCORE,
+            length=max(len(a) + len(b) for a, b in pairs),
+            rows_per_unit=params.rows_per_unit,
+            units=engine_job.units,
+            payload=WorkItem(engine_job, sink, time.monotonic()),
+        )
         return self._submit(job)
 
     def _submit(self, job: Job) -> str:

@@ -20,9 +20,7 @@ class DepartureRate:
     Retry-After. Until two departures are seen there is no rate, and ``default`` is used.
     """
 
-    def __init__(
-        self, window: int = 32, default: float = 1.0, floor: float = 0.05, ceiling: float = 60.0
-    ) -> None:
+    def __init__(self, window: int = 32, default: float = 1.0, floor: float = 0.05, ceiling: float = 60.0) -> None:
         if window < 2:
             raise ValueError("window must be >= 2")
         self._times: deque[float] = deque(maxlen=window)

@@ -232,9 +232,7 @@ class Scheduler:
         if job.rows_per_unit < 1:
             raise ValueError("job.rows_per_unit must be >= 1")
         if job.rows_per_unit > self.max_batch_rows:
-            raise ValueError(
-                f"job needs {job.rows_per_unit} rows per unit but max_batch_rows is {self.max_batch_rows}"
-            )
+            raise ValueError(f"job needs {job.rows_per_unit} rows per unit but max_batch_rows is {self.max_batch_rows}")
         if job.kind is JobKind.GENERATE and job.units != 1:
             raise ValueError("generate jobs have exactly 1 unit")
         if job.units < 0:
@@ -274,9 +272,7 @@ class Scheduler:
         if kind is None:
             return None
         if kind is JobKind.GENERATE:
-            chosen = policy.select_generate(
-                self._running_generate, self.max_batch_rows, self.max_padding_waste
-            )
+            chosen = policy.select_generate(self._running_generate, self.max_batch_rows, self.max_padding_waste)
             stepped = {j.id for j in chosen}
             self._running_generate = [j for j in self._running_generate if j.id not in stepped] + chosen
             units = {j.id: 1 for j in chosen}
