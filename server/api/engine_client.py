@@ -15,17 +15,18 @@ from server.engine.worker import EngineWorker
 from server.metrics import Metrics
 from server.scheduler import QueueFull, SchedulerClosed
 
+# engine failure code -> (HTTP status, error type, envelope code)
 FAILURES = {
-    "engine_error": (500, "engine_error"),
-    "engine_dead": (503, "engine_dead"),
-    "shutdown": (503, "shutting_down"),
-    "cancelled": (499, "cancelled"),
+    "engine_error": (500, "server_error", "engine_error"),
+    "engine_dead": (503, "server_error", "engine_dead"),
+    "shutdown": (503, "overloaded", "shutting_down"),
+    "cancelled": (499, "invalid_request_error", "cancelled"),
 }
 
 
 def failure_error(event: JobFailed) -> ApiError:
-    status, code = FAILURES.get(event.code, (500, event.code))
-    return ApiError(status, event.message, code=code)
+    status, error_type, code = FAILURES.get(event.code, (500, "server_error", event.code))
+    return ApiError(status, event.message, code=code, error_type=error_type)
 
 
 class RequestHandle:
@@ -89,7 +90,7 @@ class EngineClient:
 
     def _submit(self, handle: RequestHandle, submit) -> RequestHandle:
         if not self.worker.alive:
-            raise ApiError(503, "the engine is not running", code="engine_dead")
+            raise ApiError(503, "the engine is not running", code="engine_dead", error_type="server_error")
         try:
             handle.job_id = submit(handle.sink)
         except QueueFull as exc:

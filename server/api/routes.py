@@ -18,6 +18,7 @@ from server.api.errors import ApiError
 from server.api.schemas import (
     DetokenizeRequest,
     DetokenizeResponse,
+    ErrorEnvelope,
     GenerateRequest,
     GenerateResponse,
     Health,
@@ -37,6 +38,27 @@ from server.api.schemas import (
 from server.api.state import ServerState
 from server.engine.events import GenerationDone, GenerationStep, ScoringDone
 
+
+def error_responses(*statuses: int) -> dict:
+    return {status: {"model": ErrorEnvelope, "description": ERROR_MEANINGS[status]} for status in statuses}
+
+
+ERROR_MEANINGS = {
+    400: "a value the server cannot use (the field is named in param)",
+    401: "missing or wrong API key",
+    413: "body too large",
+    415: "body is not application/json",
+    422: "the body does not match the schema",
+    429: "queue full; retry after Retry-After seconds",
+    500: "the engine failed on this request's batch",
+    503: "draining, shutting down, or the engine is not running",
+    504: "the request ran past --request-timeout and was cancelled",
+}
+# Every route can meet auth and draining; bodies can also be too large, mistyped or invalid.
+COMMON = error_responses(401, 503)
+BODY = error_responses(400, 401, 413, 415, 422, 503)
+ENGINE = error_responses(400, 401, 413, 415, 422, 429, 500, 503, 504)
+
 router = APIRouter()
 log = logging.getLogger("llada.requests")
 
@@ -49,7 +71,7 @@ def log_request(request_id: str, endpoint: str, status: int, **fields) -> None:
     log.info("request finished", extra={"fields": {"id": request_id, "endpoint": endpoint, "status": status, **fields}})
 
 
-@router.get("/health", response_model=Health)
+@router.get("/health", response_model=Health, responses={503: {"model": Health, "description": "not ready"}})
 async def health(request: Request) -> JSONResponse:
     state = state_of(request)
     status = "dead" if not state.worker.alive else "draining" if state.draining else "ready"
@@ -64,26 +86,26 @@ async def health(request: Request) -> JSONResponse:
     return JSONResponse(body.model_dump(), status_code=200 if status == "ready" else 503)
 
 
-@router.get("/v1/models", response_model=ModelList)
+@router.get("/v1/models", response_model=ModelList, responses=COMMON)
 async def models(request: Request) -> ModelList:
     state = state_of(request)
     return ModelList(data=[ModelCard(id=state.loaded.name, created=int(state.started_at))])
 
 
-@router.get("/metrics")
+@router.get("/metrics", responses=COMMON)
 async def metrics(request: Request) -> Response:
     body, content_type = state_of(request).metrics.render()
     return Response(body, media_type=content_type)
 
 
-@router.post("/v1/tokenize", response_model=TokenizeResponse)
+@router.post("/v1/tokenize", response_model=TokenizeResponse, responses=BODY)
 async def tokenize(body: TokenizeRequest, request: Request) -> TokenizeResponse:
     state = state_of(request)
     ids = validation.prompt_ids(body, state.loaded, state.config)
     return TokenizeResponse(tokens=ids, count=len(ids))
 
 
-@router.post("/v1/detokenize", response_model=DetokenizeResponse)
+@router.post("/v1/detokenize", response_model=DetokenizeResponse, responses=BODY)
 async def detokenize(body: DetokenizeRequest, request: Request) -> DetokenizeResponse:
     state = state_of(request)
     vocab = state.loaded.config.vocab_size
@@ -95,7 +117,15 @@ async def detokenize(body: DetokenizeRequest, request: Request) -> DetokenizeRes
     return DetokenizeResponse(prompt=state.loaded.codec.decode(body.tokens, skip_special_tokens=False))
 
 
-@router.post("/v1/generate", response_model=GenerateResponse)
+@router.post(
+    "/v1/generate",
+    response_model=GenerateResponse,
+    responses={
+        **ENGINE,
+        200: {"content": {"text/event-stream": {"schema": {"type": "string"}}},
+              "description": "JSON, or with stream=true an SSE stream of step events then done (or error)"},
+    },
+)
 async def generate(body: GenerateRequest, request: Request):
     state = state_of(request)
     ids = validation.prompt_ids(body, state.loaded, state.config)
@@ -178,7 +208,7 @@ def _token_texts(state: ServerState):
     return text
 
 
-@router.post("/v1/loglikelihood", response_model=LoglikelihoodResponse)
+@router.post("/v1/loglikelihood", response_model=LoglikelihoodResponse, responses=ENGINE)
 async def loglikelihood(body: LoglikelihoodRequest, request: Request) -> LoglikelihoodResponse:
     state = state_of(request)
     pairs, params = validation.score_inputs(body, state.loaded, state.config)

@@ -180,3 +180,14 @@ class Health(BaseModel):
     dtype: str
     queue_depth: int
     running_jobs: int
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: Literal["invalid_request_error", "authentication_error", "overloaded", "timeout", "server_error"]
+    param: str | None
+    code: str
+
+
+class ErrorEnvelope(BaseModel):
+    error: ErrorDetail

@@ -1,19 +1,24 @@
 """Test-only fault injection (`--inject-faults` / LLADA_INJECT_FAULTS), never set in production.
 
 Spec: comma-separated `KIND@N` where N counts forward passes from 1 and KIND is `error` (the
-forward raises RuntimeError) or `oom` (it raises torch.OutOfMemoryError); `oom@3` fails only the
-third forward, so the retry as smaller batches goes through.
+forward raises RuntimeError), `oom` (it raises torch.OutOfMemoryError) or `die` (the engine
+thread itself dies, as a bug outside the per-batch isolation would make it); `oom@3` fails only
+the third forward, so the retry as smaller batches goes through.
 """
 
 from __future__ import annotations
 
 import torch
 
-KINDS = ("error", "oom")
+KINDS = ("error", "oom", "die")
 
 
 class InjectedFault(RuntimeError):
     pass
+
+
+class InjectedDeath(BaseException):
+    """Not an Exception, so no per-batch handler catches it: the loop dies."""
 
 
 class FaultInjector:
@@ -33,3 +38,5 @@ class FaultInjector:
             raise InjectedFault(f"injected forward failure at forward {self.forwards}")
         if kind == "oom":
             raise torch.OutOfMemoryError(f"injected out-of-memory at forward {self.forwards}")
+        if kind == "die":
+            raise InjectedDeath(f"injected engine death at forward {self.forwards}")
