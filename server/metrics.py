@@ -12,7 +12,7 @@ histograms as ``_bucket``/``_sum``/``_count``.
 from __future__ import annotations
 
 from prometheus_client import (
-    CONTENT_TYPE_LATEST,
+    CONTENT_TYPE_PLAIN_0_0_4,
     CollectorRegistry,
     Counter,
     Gauge,
@@ -203,4 +203,5 @@ class Metrics:
 
     def render(self) -> tuple[bytes, str]:
         """The Prometheus text exposition of this registry and its content type."""
-        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+        # The 0.0.4 text format: what every Prometheus version scrapes.
+        return generate_latest(self.registry), CONTENT_TYPE_PLAIN_0_0_4

@@ -25,6 +25,7 @@ ENDPOINTS = (
     "/",
 )
 OPEN_PATHS = ("/health",)
+JSON_BODY_PATHS = ("/v1/generate", "/v1/loglikelihood", "/v1/tokenize", "/v1/detokenize")
 
 
 def endpoint_label(path: str) -> str:
@@ -95,7 +96,7 @@ class Gate:
         if length is not None and length.isdigit() and int(length) > config.max_body_bytes:
             metrics.rejected_total.labels(reason="too_large").inc()
             return _too_large(config.max_body_bytes)
-        if method == "POST" and path.startswith("/v1/"):
+        if method == "POST" and path in JSON_BODY_PATHS:
             content_type = headers.get("content-type", "").split(";")[0].strip().lower()
             if content_type != "application/json":
                 metrics.rejected_total.labels(reason="invalid").inc()

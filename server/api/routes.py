@@ -92,7 +92,14 @@ async def models(request: Request) -> ModelList:
     return ModelList(data=[ModelCard(id=state.loaded.name, created=int(state.started_at))])
 
 
-@router.get("/metrics", responses=COMMON)
+@router.get(
+    "/metrics",
+    response_class=Response,
+    responses={
+        **COMMON,
+        200: {"content": {"text/plain": {"schema": {"type": "string"}}}, "description": "Prometheus text"},
+    },
+)
 async def metrics(request: Request) -> Response:
     body, content_type = state_of(request).metrics.render()
     return Response(body, media_type=content_type)
@@ -122,8 +129,10 @@ async def detokenize(body: DetokenizeRequest, request: Request) -> DetokenizeRes
     response_model=GenerateResponse,
     responses={
         **ENGINE,
-        200: {"content": {"text/event-stream": {"schema": {"type": "string"}}},
-              "description": "JSON, or with stream=true an SSE stream of step events then done (or error)"},
+        200: {
+            "content": {"text/event-stream": {"schema": {"type": "string"}}},
+            "description": "JSON, or with stream=true an SSE stream of step events then done (or error)",
+        },
     },
 )
 async def generate(body: GenerateRequest, request: Request):
