@@ -71,6 +71,7 @@ def constraint_tokens(
         param = f"constraints.{i}"
         if constraint.text is not None:
             tokens = loaded.codec.encode(" " + constraint.text)
+            check_ids(tokens, loaded, param + ".text")
         else:
             tokens = [constraint.token_id]
             check_ids(tokens, loaded, param + ".token_id")

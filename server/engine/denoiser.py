@@ -52,6 +52,7 @@ class DenoiseJob:
     step_in_block: int = 0
     steps_done: int = 0
     finished: bool = False
+    masked: int = 0  # answer positions still masked; counted, not re-read from the device
 
     @property
     def answer(self) -> list[int]:
@@ -84,6 +85,7 @@ class Denoiser:
             generator=torch.Generator(device=device).manual_seed(seed),
             blocks=[(len(prompt_ids) + s, len(prompt_ids) + e) for s, e in spans],
             block_steps=sampling.steps_per_block(params.steps, len(spans)),
+            masked=params.gen_length - len(params.constraints),
         )
         self._next_block(job)
         return job
@@ -144,8 +146,8 @@ class Denoiser:
         block = job.block
         if job.step_in_block == len(job.schedule):
             self._next_block(job)
-        masked = int((job.canvas[job.prompt_len :] == self.mask_id).sum())
-        return StepEvent(job=job, step=job.steps_done, block=block, reveals=reveals, masked=masked)
+        job.masked -= len(reveals)
+        return StepEvent(job=job, step=job.steps_done, block=block, reveals=reveals, masked=job.masked)
 
 
 def generate_batch(loaded: LoadedModel, prompts: list[list[int]], params: list[SamplingParams]) -> list[list[int]]:
