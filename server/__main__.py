@@ -1,86 +1,22 @@
-"""`llada-server` / `python -m server`: load the model, then serve it until SIGTERM or SIGINT."""
+"""`llada-server` / `python -m server`: load the model, then serve it until SIGTERM or SIGINT.
+
+Flags are parsed before torch and the app are imported, so `--help` and bad flags answer at once.
+"""
 
 from __future__ import annotations
 
-import logging
 import sys
-import threading
 
-import uvicorn
-
-from server.api import create_app
-from server.api.state import ServerState
-from server.config import ServerConfig, load_config
-from server.engine.demo import build_demo
-from server.engine.devices import resolve_device, resolve_dtype
-from server.engine.errors import CheckpointError, DeviceError
-from server.engine.loader import LoadedModel, load_checkpoint
+from server.config import load_config
 from server.logging_setup import configure_logging
-
-log = logging.getLogger("llada.server")
-
-
-def load_model(config: ServerConfig) -> LoadedModel:
-    if config.model:
-        return load_checkpoint(config.model, config.device, config.dtype)
-    device = resolve_device(config.device)
-    return build_demo(dtype=resolve_dtype(config.dtype, device), device=device)
-
-
-class DrainingServer(uvicorn.Server):
-    """The first SIGTERM/SIGINT stops admissions (503), lets accepted work finish within
-    --shutdown-grace, answers what is left with an error, then exits; a second one exits at once."""
-
-    def __init__(self, config: uvicorn.Config, state: ServerState):
-        super().__init__(config)
-        self.state = state
-
-    def handle_exit(self, sig: int, frame) -> None:
-        if self.state.draining:
-            super().handle_exit(sig, frame)
-            return
-        self.state.draining = True
-        log.info("signal %d: draining for up to %.0fs", sig, self.state.config.shutdown_grace)
-        threading.Thread(target=self._drain, name="llada-drain", daemon=True).start()
-
-    def _drain(self) -> None:
-        finished = self.state.worker.drain(self.state.config.shutdown_grace)
-        if not finished:
-            log.warning("grace period over: answering unfinished requests with an error")
-        self.state.worker.stop()
-        self.should_exit = True
 
 
 def main(argv: list[str] | None = None) -> int:
     config = load_config(argv)
     configure_logging(config.log_format, config.log_level)
-    try:
-        loaded = load_model(config)
-    except (CheckpointError, DeviceError, ValueError) as exc:
-        log.error("cannot load the model: %s", exc)
-        return 1
-    log.info(
-        "model %s (%s) on %s, dtype %s",
-        loaded.name,
-        config.model or "built-in demo",
-        loaded.device,
-        str(loaded.dtype).removeprefix("torch."),
-    )
-    try:
-        app = create_app(config, loaded)
-    except ValueError as exc:  # e.g. a malformed --inject-faults
-        log.error("bad setting: %s", exc)
-        return 2
-    server = DrainingServer(
-        uvicorn.Config(app, host=config.host, port=config.port, log_config=None, lifespan="on"),
-        app.state.server,
-    )
-    log.info("listening on http://%s:%d", config.host, config.port)
-    server.run()
-    if not server.started:
-        log.error("the server could not start on %s:%d (is the port in use?)", config.host, config.port)
-        return 1
-    return 0
+    from server.serve import serve
+
+    return serve(config)
 
 
 if __name__ == "__main__":

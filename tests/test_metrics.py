@@ -113,9 +113,7 @@ def test_known_label_sets_are_exported_before_use():
 
 
 def _bucket_bounds(m: Metrics, name: str) -> list[float]:
-    return sorted(
-        float(dict(labels)["le"]) for (n, labels), _ in _samples(m).items() if n == name + "_bucket"
-    )
+    return sorted(float(dict(labels)["le"]) for (n, labels), _ in _samples(m).items() if n == name + "_bucket")
 
 
 def test_bucket_ranges():

@@ -12,7 +12,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server.api.errors import ApiError
 
-log = logging.getLogger("llada.api")
+log = logging.getLogger("llada.requests")
+LOG_FIELDS = "llada.log_fields"  # scope key: what routes add to the request's log line
 
 ENDPOINTS = (
     "/v1/generate",
@@ -56,11 +57,24 @@ class Gate:
                 status = message["status"]
             await send(message)
 
+        self.state.in_flight += 1
         try:
             await self._handle(scope, receive, counting_send, path, method)
         finally:
+            self.state.in_flight -= 1
+            elapsed = time.monotonic() - start
             metrics.requests_total.labels(endpoint=endpoint, status=str(status)).inc()
-            metrics.request_duration_seconds.labels(endpoint=endpoint).observe(time.monotonic() - start)
+            metrics.request_duration_seconds.labels(endpoint=endpoint).observe(elapsed)
+            fields = {
+                "endpoint": endpoint,
+                "method": method,
+                "status": status,
+                **scope.get(LOG_FIELDS, {}),
+                "total_s": round(elapsed, 4),
+            }
+            # Probes and scrapes come every few seconds: keep them out of the info log.
+            level = logging.DEBUG if path in ("/health", "/metrics") else logging.INFO
+            log.log(level, "request finished", extra={"fields": fields})
 
     async def _handle(self, scope: Scope, receive: Receive, send: Send, path: str, method: str) -> None:
         rejection = self._reject(scope, path, method)

@@ -3,8 +3,8 @@ shape its events into JSON or SSE; they never touch tensors."""
 
 from __future__ import annotations
 
+import asyncio
 import json
-import logging
 import time
 import uuid
 from functools import lru_cache
@@ -14,7 +14,9 @@ from fastapi.responses import JSONResponse
 from sse_starlette.sse import EventSourceResponse
 
 from server.api import validation
+from server.api.engine_client import RequestHandle
 from server.api.errors import ApiError
+from server.api.middleware import LOG_FIELDS
 from server.api.schemas import (
     DetokenizeRequest,
     DetokenizeResponse,
@@ -60,15 +62,37 @@ BODY = error_responses(400, 401, 413, 415, 422, 503)
 ENGINE = error_responses(400, 401, 413, 415, 422, 429, 500, 503, 504)
 
 router = APIRouter()
-log = logging.getLogger("llada.requests")
 
 
 def state_of(request: Request) -> ServerState:
     return request.app.state.server
 
 
-def log_request(request_id: str, endpoint: str, status: int, **fields) -> None:
-    log.info("request finished", extra={"fields": {"id": request_id, "endpoint": endpoint, "status": status, **fields}})
+def log_fields(request: Request) -> dict:
+    """Fields for the request's one log line, which the middleware writes when it ends."""
+    return request.scope.setdefault(LOG_FIELDS, {})
+
+
+async def _client_gone(request: Request) -> None:
+    # The body is already read, so the next message is the disconnect.
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def result_or_disconnect(request: Request, handle: RequestHandle) -> object:
+    """The job's final event; a client that hangs up first cancels the job."""
+    result = asyncio.ensure_future(handle.result())
+    gone = asyncio.ensure_future(_client_gone(request))
+    try:
+        await asyncio.wait({result, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+        if not result.done():
+            result.cancel()
+            handle.cancel()
+    if result.cancelled():
+        raise ApiError(499, "the client closed the request", code="cancelled")
+    return result.result()
 
 
 @router.get("/health", response_model=Health, responses={503: {"model": Health, "description": "not ready"}})
@@ -139,36 +163,23 @@ async def generate(body: GenerateRequest, request: Request):
     state = state_of(request)
     ids = validation.prompt_ids(body, state.loaded, state.config)
     params = validation.sampling_params(body, len(ids), state.loaded, state.config)
+    request_id = f"gen-{uuid.uuid4().hex}"
+    fields = log_fields(request)
+    fields.update(id=request_id, prompt_tokens=len(ids))
     handle = state.client.generate(ids, params)
     state.metrics.prompt_tokens_total.inc(len(ids))
-    request_id = f"gen-{uuid.uuid4().hex}"
     if body.stream:
-        return EventSourceResponse(_stream(state, handle, request_id, ids), ping=15)
-    try:
-        done = await handle.result()
-    except ApiError as error:
-        log_request(request_id, "/v1/generate", error.status, prompt_tokens=len(ids), error=error.code)
-        raise
-    finally:
-        handle.cancel()
-    return _generation_response(state, request_id, ids, done, handle)
+        return EventSourceResponse(_stream(state, handle, request_id, ids, fields), ping=15)
+    done = await result_or_disconnect(request, handle)
+    return _generation_response(state, request_id, ids, done, handle, fields)
 
 
 def _generation_response(
-    state: ServerState, request_id: str, ids: list[int], done: GenerationDone, handle
+    state: ServerState, request_id: str, ids: list[int], done: GenerationDone, handle: RequestHandle, fields: dict
 ) -> GenerateResponse:
     text, stopped = state.loaded.codec.answer_text(done.token_ids, state.loaded.special.stops)
     total = time.monotonic() - handle.started
-    log_request(
-        request_id,
-        "/v1/generate",
-        200,
-        prompt_tokens=len(ids),
-        answer_tokens=len(done.token_ids),
-        steps=done.steps,
-        queue_s=round(done.queue_s, 4),
-        total_s=round(total, 4),
-    )
+    fields.update(answer_tokens=len(done.token_ids), steps=done.steps, queue_s=round(done.queue_s, 4))
     return GenerateResponse(
         id=request_id,
         model=state.loaded.name,
@@ -180,7 +191,7 @@ def _generation_response(
     )
 
 
-async def _stream(state: ServerState, handle, request_id: str, ids: list[int]):
+async def _stream(state: ServerState, handle: RequestHandle, request_id: str, ids: list[int], fields: dict):
     token_text = _token_texts(state)
     try:
         async for event in handle.events():
@@ -198,10 +209,10 @@ async def _stream(state: ServerState, handle, request_id: str, ids: list[int]):
                 )
                 yield {"event": "step", "data": data.model_dump_json()}
             elif isinstance(event, GenerationDone):
-                response = _generation_response(state, request_id, ids, event, handle)
+                response = _generation_response(state, request_id, ids, event, handle, fields)
                 yield {"event": "done", "data": response.model_dump_json()}
     except ApiError as error:
-        log_request(request_id, "/v1/generate", error.status, prompt_tokens=len(ids), error=error.code)
+        fields.update(error=error.code, error_status=error.status)
         yield {"event": "error", "data": json.dumps(error.body())}
     finally:
         handle.cancel()
@@ -221,27 +232,15 @@ def _token_texts(state: ServerState):
 async def loglikelihood(body: LoglikelihoodRequest, request: Request) -> LoglikelihoodResponse:
     state = state_of(request)
     pairs, params = validation.score_inputs(body, state.loaded, state.config)
-    handle = state.client.score(pairs, params)
     request_id = f"ll-{uuid.uuid4().hex}"
     prompt_tokens = sum(len(a) + len(b) for a, b in pairs)
+    fields = log_fields(request)
+    fields.update(id=request_id, prompt_tokens=prompt_tokens)
+    handle = state.client.score(pairs, params)
     state.metrics.prompt_tokens_total.inc(prompt_tokens)
-    try:
-        done: ScoringDone = await handle.result()
-    except ApiError as error:
-        log_request(request_id, "/v1/loglikelihood", error.status, prompt_tokens=prompt_tokens, error=error.code)
-        raise
-    finally:
-        handle.cancel()
+    done: ScoringDone = await result_or_disconnect(request, handle)
     total = time.monotonic() - handle.started
-    log_request(
-        request_id,
-        "/v1/loglikelihood",
-        200,
-        prompt_tokens=prompt_tokens,
-        rows=done.rows,
-        queue_s=round(done.queue_s, 4),
-        total_s=round(total, 4),
-    )
+    fields.update(rows=done.rows, queue_s=round(done.queue_s, 4))
     return LoglikelihoodResponse(
         id=request_id,
         model=state.loaded.name,

@@ -20,4 +20,5 @@ class ServerState:
     client: EngineClient
     metrics: Metrics
     draining: bool = False
+    in_flight: int = 0  # HTTP requests not yet fully answered (the drain waits for them)
     started_at: float = field(default_factory=time.time)

@@ -9,9 +9,7 @@ from collections.abc import Callable
 ERROR_TYPES = ("invalid_request_error", "authentication_error", "overloaded", "timeout", "server_error")
 
 
-def assert_error(
-    response, status: int, error_type: str, param: object = ..., code: str | None = None
-) -> dict:
+def assert_error(response, status: int, error_type: str, param: object = ..., code: str | None = None) -> dict:
     """The response is `status` with DESIGN.md's envelope; returns the inner error object.
 
     param: ... skips the check; a set accepts any of its members; anything else must be equal.

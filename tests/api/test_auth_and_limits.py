@@ -58,9 +58,7 @@ def test_missing_or_wrong_key_is_401(keyed, headers):
         keyed.post("/v1/generate", json=GOOD, headers=headers),
         keyed.get("/v1/models", headers=headers),
         keyed.post("/v1/tokenize", json={"prompt": "a"}, headers=headers),
-        keyed.post(
-            "/v1/loglikelihood", json={"requests": [{"context": "a", "continuation": " b"}]}, headers=headers
-        ),
+        keyed.post("/v1/loglikelihood", json={"requests": [{"context": "a", "continuation": " b"}]}, headers=headers),
     ):
         error = assert_error(response, 401, "authentication_error", None)
         assert error["code"] == "invalid_api_key"
@@ -81,10 +79,7 @@ def test_either_key_is_accepted(keyed, key):
     assert response.status_code == 200, response.text
     assert len(response.json()["token_ids"]) == 8
     assert (
-        keyed.post(
-            "/v1/tokenize", json={"prompt": "a"}, headers={"authorization": f"bearer {key}"}
-        ).status_code
-        == 200
+        keyed.post("/v1/tokenize", json={"prompt": "a"}, headers={"authorization": f"bearer {key}"}).status_code == 200
     )
 
 
@@ -116,9 +111,7 @@ def test_no_keys_configured_means_open(client):
 def test_unauthorized_requests_are_counted(keyed):
     keyed.get("/v1/models")
     text = keyed.get("/metrics").text
-    line = next(
-        line for line in text.splitlines() if line.startswith('llada_rejected_total{reason="unauthorized"}')
-    )
+    line = next(line for line in text.splitlines() if line.startswith('llada_rejected_total{reason="unauthorized"}'))
     assert float(line.split()[-1]) >= 1
 
 
@@ -128,10 +121,7 @@ def test_keys_never_logged(tiny_model, caplog):
         caplog.set_level(logging.DEBUG, logger=name)
     with app_client(tiny_model, api_key=KEYS) as client:
         assert client.post("/v1/generate", json=GOOD, headers=bearer(KEYS[0])).status_code == 200
-        assert (
-            client.post("/v1/generate", json={**GOOD, "stream": True}, headers=bearer(KEYS[1])).status_code
-            == 200
-        )
+        assert client.post("/v1/generate", json={**GOOD, "stream": True}, headers=bearer(KEYS[1])).status_code == 200
         assert (
             client.post(
                 "/v1/loglikelihood",
@@ -142,9 +132,7 @@ def test_keys_never_logged(tiny_model, caplog):
         )
         assert client.post("/v1/generate", json=GOOD, headers=bearer(WRONG)).status_code == 401
         assert client.post("/v1/generate", json=GOOD, headers={"Authorization": KEYS[0]}).status_code == 401
-        assert (
-            client.post("/v1/generate", json={**GOOD, "steps": 0}, headers=bearer(KEYS[0])).status_code == 422
-        )
+        assert client.post("/v1/generate", json={**GOOD, "steps": 0}, headers=bearer(KEYS[0])).status_code == 422
         assert client.get("/v1/nothing", headers=bearer(KEYS[0])).status_code == 404
     assert caplog.records, "nothing was logged: the capture is not working"
     assert any(r.name.startswith("llada") for r in caplog.records)
@@ -181,9 +169,7 @@ def test_cors_for_configured_origin(tiny_model):
 
         # Another origin gets no grant.
         other = "http://elsewhere.test"
-        assert (
-            "access-control-allow-origin" not in client.get("/v1/models", headers={"Origin": other}).headers
-        )
+        assert "access-control-allow-origin" not in client.get("/v1/models", headers={"Origin": other}).headers
         denied = preflight(client, origin=other)
         assert denied.headers.get("access-control-allow-origin") != other
 
@@ -195,9 +181,7 @@ def test_cors_preflight_needs_no_api_key(tiny_model):
         response = preflight(client)
         assert response.status_code == 200, response.text
         assert response.headers["access-control-allow-origin"] == ORIGIN
-        keyed = client.post(
-            "/v1/tokenize", json={"prompt": "a"}, headers={"Origin": ORIGIN, **bearer(KEYS[0])}
-        )
+        keyed = client.post("/v1/tokenize", json={"prompt": "a"}, headers={"Origin": ORIGIN, **bearer(KEYS[0])})
         assert keyed.status_code == 200
         assert keyed.headers["access-control-allow-origin"] == ORIGIN
 

@@ -351,9 +351,7 @@ def check_scores(body: dict, loaded, count: int) -> None:
 def test_loglikelihood_text_pairs(client):
     loaded = client.state.loaded
     pairs = [("The sky is", " blue"), ("The sky is ", "green"), ("1 2 3", " 4 5")]
-    body = score(
-        client, requests=[{"context": c, "continuation": x} for c, x in pairs], mc_num=8, batch_size=4, seed=0
-    )
+    body = score(client, requests=[{"context": c, "continuation": x} for c, x in pairs], mc_num=8, batch_size=4, seed=0)
     check_scores(body, loaded, 3)
     for result, (context, continuation) in zip(body["results"], pairs):
         context_ids, continuation_ids = loaded.codec.encode_pair(context, continuation)
@@ -368,9 +366,7 @@ def test_loglikelihood_text_pairs(client):
 def test_loglikelihood_id_pairs_match_text_pairs(client):
     loaded = client.state.loaded
     context_ids, continuation_ids = loaded.codec.encode_pair("Paris is in", " France")
-    by_text = score(
-        client, requests=[{"context": "Paris is in", "continuation": " France"}], mc_num=8, seed=3
-    )
+    by_text = score(client, requests=[{"context": "Paris is in", "continuation": " France"}], mc_num=8, seed=3)
     by_ids = score(
         client,
         requests=[{"context_ids": context_ids, "continuation_ids": continuation_ids}],
@@ -411,9 +407,7 @@ def test_loglikelihood_greedy_flag(client):
 
 def test_loglikelihood_cfg_scale(client):
     loaded = client.state.loaded
-    body = score(
-        client, requests=[{"context": "abc", "continuation": " def"}], mc_num=4, cfg_scale=1.5, seed=0
-    )
+    body = score(client, requests=[{"context": "abc", "continuation": " def"}], mc_num=4, cfg_scale=1.5, seed=0)
     check_scores(body, loaded, 1)
 
 

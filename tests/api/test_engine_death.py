@@ -13,7 +13,11 @@ def test_dead_engine_answers_everyone_and_health_turns_503(tiny_model):
         wait_for(lambda: client.get("/health").status_code == 503)
         assert client.get("/health").json()["status"] == "dead"
         # New work is refused at once instead of queueing behind a dead loop.
-        assert_error(client.post("/v1/generate", json={"prompt": "x", "gen_length": 8, "steps": 4}),
-                     503, "server_error", code="engine_dead")
+        assert_error(
+            client.post("/v1/generate", json={"prompt": "x", "gen_length": 8, "steps": 4}),
+            503,
+            "server_error",
+            code="engine_dead",
+        )
         gauges = client.get("/metrics").text
         assert "llada_queue_depth 0.0" in gauges and "llada_running_jobs 0.0" in gauges

@@ -309,17 +309,13 @@ def test_json_with_charset_is_accepted(client):
 
 @pytest.mark.parametrize("text", ['{"prompt": "hi", ', "{prompt: hi}", '{"prompt": "hi"} x', "nul"])
 def test_400_malformed_json(client, text):
-    response = client.post(
-        "/v1/generate", content=text.encode(), headers={"content-type": "application/json"}
-    )
+    response = client.post("/v1/generate", content=text.encode(), headers={"content-type": "application/json"})
     error = assert_error(response, 400, INVALID, None)
     assert error["code"] == "invalid_json"
 
 
 def test_400_body_not_utf8(client):
-    response = client.post(
-        "/v1/generate", content=b'{"prompt": "\xff"}', headers={"content-type": "application/json"}
-    )
+    response = client.post("/v1/generate", content=b'{"prompt": "\xff"}', headers={"content-type": "application/json"})
     assert_error(response, 400, INVALID, None)
 
 

@@ -18,8 +18,9 @@ from server.engine.demo import build_demo, demo_config
 from tests.conftest import TINY
 
 # Tight limits keep every valid request cheap, so the fuzzer reaches the engine quickly.
-CONFIG = ServerConfig(max_gen_length=16, max_steps=16, max_mc_num=8, max_prompt_tokens=64, max_score_requests=4,
-                      request_timeout=20)
+CONFIG = ServerConfig(
+    max_gen_length=16, max_steps=16, max_mc_num=8, max_prompt_tokens=64, max_score_requests=4, request_timeout=20
+)
 app = create_app(CONFIG, build_demo(demo_config(**TINY)))
 app.state.server.worker.start()
 

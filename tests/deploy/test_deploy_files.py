@@ -91,8 +91,7 @@ def test_compose_llada_service(compose):
     assert env["LLADA_PORT"] == "8000"
     assert "LLADA_MODEL" not in env, "the default compose stack runs the built-in demo model"
     assert any(
-        target == "/models" and vol.endswith(":ro")
-        for (_, target), vol in zip(_mounts(llada), llada["volumes"])
+        target == "/models" and vol.endswith(":ro") for (_, target), vol in zip(_mounts(llada), llada["volumes"])
     ), llada["volumes"]
     assert any(str(p).split(":")[-1] == "8000" for p in llada["ports"])
 
@@ -112,9 +111,7 @@ def test_compose_prometheus_and_grafana(compose):
     assert graf["image"].split(":")[0] == "grafana/grafana"
     assert any(str(p).split(":")[-1] == "3000" for p in graf["ports"])
     mounts = {t: s for s, t in _mounts(graf)}
-    assert (
-        DOCKER / mounts["/etc/grafana/provisioning/datasources"] / DATASOURCES.name
-    ).resolve() == DATASOURCES
+    assert (DOCKER / mounts["/etc/grafana/provisioning/datasources"] / DATASOURCES.name).resolve() == DATASOURCES
     assert (
         DOCKER / mounts["/etc/grafana/provisioning/dashboards"] / DASHBOARD_PROVIDERS.name
     ).resolve() == DASHBOARD_PROVIDERS
@@ -305,9 +302,7 @@ def _dockerignore_patterns() -> list[str]:
     if not DOCKERIGNORE.exists():
         return []
     return [
-        ln.strip().rstrip("/")
-        for ln in DOCKERIGNORE.read_text().splitlines()
-        if ln.strip() and not ln.startswith("#")
+        ln.strip().rstrip("/") for ln in DOCKERIGNORE.read_text().splitlines() if ln.strip() and not ln.startswith("#")
     ]
 
 

@@ -74,8 +74,14 @@ def test_chat_template_one_turn(codec):
     assert codec.chat_text(messages) == expected
     ids = codec.encode_chat(messages)
     assert ids == (
-        [BOS, HEADER_START] + codec.encode("user") + [HEADER_END] + codec.encode("\n\nWhat is 2+2?")
-        + [EOT, HEADER_START] + codec.encode("assistant") + [HEADER_END] + codec.encode("\n\n")
+        [BOS, HEADER_START]
+        + codec.encode("user")
+        + [HEADER_END]
+        + codec.encode("\n\nWhat is 2+2?")
+        + [EOT, HEADER_START]
+        + codec.encode("assistant")
+        + [HEADER_END]
+        + codec.encode("\n\n")
     )
     assert ids.count(BOS) == 1  # the template writes BOS; encoding must not add another
 
@@ -134,7 +140,7 @@ def test_encode_pair_moves_trailing_spaces(codec):
     assert continuation_ids == codec.encode("  4")
     whole = codec.tokenizer("Question: 2+2 =  4")["input_ids"]
     assert whole == context_ids + continuation_ids
-    assert continuation_ids == whole[len(context_ids):]
+    assert continuation_ids == whole[len(context_ids) :]
 
 
 def test_encode_pair_without_trailing_space(codec):
@@ -142,4 +148,4 @@ def test_encode_pair_without_trailing_space(codec):
     assert context_ids == codec.encode("The sky is")
     assert continuation_ids == codec.encode(" blue")
     whole = codec.tokenizer("The sky is blue")["input_ids"]
-    assert continuation_ids == whole[len(context_ids):]
+    assert continuation_ids == whole[len(context_ids) :]

@@ -266,7 +266,9 @@ def test_misshaped_tensor_is_named_with_shapes(copy):
 def test_tokenizer_and_config_disagree_on_mask_id(copy):
     folder = copy()
     edit_json(folder / "config.json", mask_token_id=126000)
-    with pytest.raises(CheckpointError, match=r"<\|mdm_mask\|> at id 126336 but config\.json says mask_token_id 126000"):
+    with pytest.raises(
+        CheckpointError, match=r"<\|mdm_mask\|> at id 126336 but config\.json says mask_token_id 126000"
+    ):
         load_checkpoint(folder, device="cpu", dtype="float32")
 
 

@@ -108,7 +108,9 @@ def test_ranking_confidence():
     assert torch.equal(low, probabilities.double())
     rnd = sampling.ranking_confidence(probabilities, tokens, "random", torch.Generator().manual_seed(0))
     assert rnd.shape == (4,) and bool(((rnd >= 0) & (rnd < 1)).all())
-    assert torch.equal(rnd, sampling.ranking_confidence(probabilities, tokens, "random", torch.Generator().manual_seed(0)))
+    assert torch.equal(
+        rnd, sampling.ranking_confidence(probabilities, tokens, "random", torch.Generator().manual_seed(0))
+    )
     for remasking in ("low_confidence", "random"):
         excluded = sampling.ranking_confidence(
             probabilities, tokens, remasking, torch.Generator().manual_seed(0), excluded_tokens=(EOS, EOT)

@@ -1,0 +1,128 @@
+"""End-to-end tests: the real CLI (`python -m server`) in a subprocess, spoken to over real HTTP
+(httpx, SSE through httpx-sse), and the helpers they share.
+
+Every wait for a condition is deadline-based polling, never a blind sleep. Servers that may still hold work
+when a test ends get a short --shutdown-grace so the fixture's SIGTERM never waits long.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import httpx
+from httpx_sse import aconnect_sse, connect_sse
+from prometheus_client.parser import text_string_to_metric_families
+
+ERROR_TYPES = ("invalid_request_error", "authentication_error", "overloaded", "timeout", "server_error")
+HTTP_TIMEOUT = httpx.Timeout(60.0, connect=10.0)
+
+
+def assert_envelope(body: dict, error_type: str, code: str | None = None) -> dict:
+    """`body` is DESIGN.md's error envelope (an HTTP body or an SSE error event's data); returns
+    the inner error object."""
+    assert set(body) == {"error"}, body
+    error = body["error"]
+    assert set(error) == {"message", "type", "param", "code"}, error
+    assert isinstance(error["message"], str) and error["message"], error
+    assert error["param"] is None or isinstance(error["param"], str), error
+    assert error["type"] in ERROR_TYPES and error["type"] == error_type, error
+    if code is not None:
+        assert error["code"] == code, error
+    return error
+
+
+def assert_error_response(response: httpx.Response, status: int, error_type: str, code: str | None = None) -> dict:
+    assert response.status_code == status, (response.status_code, response.text)
+    assert response.headers.get("content-type", "").startswith("application/json"), response.headers
+    return assert_envelope(response.json(), error_type, code)
+
+
+def wait_for(
+    predicate: Callable[[], object], timeout: float = 15.0, what: str = "condition", interval: float = 0.05
+) -> object:
+    """Poll `predicate` until it returns something truthy (returned); fail after `timeout` s."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+class Scrape:
+    """One parsed GET /metrics: `value(name, **labels)` reads one sample (KeyError when absent)."""
+
+    def __init__(self, text: str):
+        self.samples = {}
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                self.samples[(sample.name, frozenset(sample.labels.items()))] = sample.value
+
+    def value(self, name: str, **labels: str) -> float:
+        key = (name, frozenset(labels.items()))
+        if key not in self.samples:  # every series is exported from the start, so absent = a typo
+            raise KeyError(f"no sample {name}{labels or ''} in /metrics")
+        return self.samples[key]
+
+    def batches_over(self, rows: int) -> float:
+        """Forwards with more than `rows` rows, from the llada_batch_rows histogram."""
+        return self.value("llada_batch_rows_count") - self.value("llada_batch_rows_bucket", le=f"{float(rows)}")
+
+
+def scrape(url: str) -> Scrape:
+    response = httpx.get(url + "/metrics", timeout=HTTP_TIMEOUT)
+    assert response.status_code == 200, response.text
+    return Scrape(response.text)
+
+
+def stream_events(client: httpx.Client, url: str, body: dict, on_step: Callable[[int], bool] | None = None):
+    """POST a streaming /v1/generate; returns (step payloads, terminal event name, terminal payload).
+
+    `on_step(n)` is called after the n-th step event; returning True stops reading (the caller
+    leaves the connection to be closed) and the terminal event is then None.
+    """
+    steps: list[dict] = []
+    with connect_sse(client, "POST", url + "/v1/generate", json={**body, "stream": True}) as source:
+        assert source.response.status_code == 200, source.response.read()
+        assert source.response.headers["content-type"].startswith("text/event-stream")
+        for event in source.iter_sse():
+            if event.event == "step":
+                steps.append(event.json())
+                if on_step is not None and on_step(len(steps)):
+                    return steps, None, None
+            elif event.event in ("done", "error"):
+                return steps, event.event, event.json()
+    raise AssertionError(f"the stream ended without a done or error event after {len(steps)} steps")
+
+
+async def astream_events(client: httpx.AsyncClient, url: str, body: dict, on_step=None):
+    """The asyncio twin of `stream_events`, except: `on_step(n)` is awaited and never stops reading,
+    and a refusal before the stream starts returns ("http", {status, body, headers}) as the terminal."""
+    steps: list[dict] = []
+    async with aconnect_sse(client, "POST", url + "/v1/generate", json={**body, "stream": True}) as source:
+        response = source.response
+        if response.status_code != 200:
+            await response.aread()
+            return steps, "http", {"status": response.status_code, "body": response.json(), "headers": response.headers}
+        assert response.headers["content-type"].startswith("text/event-stream")
+        async for event in source.aiter_sse():
+            if event.event == "step":
+                steps.append(event.json())
+                if on_step is not None:
+                    await on_step(len(steps))
+            elif event.event in ("done", "error"):
+                return steps, event.event, event.json()
+    raise AssertionError(f"the stream ended without a done or error event after {len(steps)} steps")
+
+
+def check_answer(answer: dict, body: dict) -> None:
+    """A full /v1/generate response for request `body`."""
+    assert set(answer) >= {"id", "model", "text", "token_ids", "finish_reason", "usage", "timing"}, answer
+    gen_length = body.get("gen_length", 128)
+    assert len(answer["token_ids"]) == gen_length, answer
+    assert answer["usage"]["completion_tokens"] == gen_length, answer
+    assert 1 <= answer["usage"]["nfe"] <= body.get("steps", 128), answer
+    assert answer["finish_reason"] in ("stop", "length"), answer
