@@ -38,12 +38,16 @@ def cfg_combine(cond: torch.Tensor, uncond: torch.Tensor, scale: float) -> torch
 
 
 def choose_tokens(logits: torch.Tensor, temperature: float, generator: torch.Generator | None) -> torch.Tensor:
-    """x0 per position: argmax, or argmax of exp(logits) / (-log u)^temperature in float64."""
+    """x0 per position: argmax, or argmax of exp(logits) / (-log u)^temperature in float64.
+
+    In place on fresh [positions, vocab] float64 buffers: this is the step's largest allocation."""
     if temperature == 0:
         return logits.argmax(dim=-1)
-    logits64 = logits.double()
-    u = torch.rand(logits64.shape, generator=generator, dtype=torch.float64, device=logits.device)
-    return (logits64.exp() / (-torch.log(u)) ** temperature).argmax(dim=-1)
+    noise = torch.rand(logits.shape, generator=generator, dtype=torch.float64, device=logits.device)
+    noise = noise.log_().neg_()
+    if temperature != 1:  # x ** 1 is x exactly; skipping the pow saves a third of the time
+        noise = noise.pow_(temperature)
+    return logits.double().exp_().div_(noise).argmax(dim=-1)
 
 
 def token_probabilities(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
