@@ -63,6 +63,31 @@ class DenoiseJob:
         return self.params.rows
 
 
+# Most candidate rows whose logits are computed in one LM-head call: a [rows, vocab] float32
+# buffer, 260 MB at LLaDA's vocabulary. Jobs beyond it go in further calls.
+HEAD_ROWS = 512
+
+
+@dataclass(frozen=True)
+class HeadPlan:
+    job: DenoiseJob
+    candidates: torch.Tensor  # absolute positions that can be revealed this step
+    index: torch.Tensor  # their rows in the flattened hidden states (unconditional copy after)
+
+
+def head_groups(plans: list[HeadPlan], limit: int) -> list[list[HeadPlan]]:
+    """Consecutive plans packed up to limit rows; a plan over the limit goes alone."""
+    groups: list[list[HeadPlan]] = []
+    size = limit
+    for plan in plans:
+        if size + len(plan.index) > limit:
+            groups.append([])
+            size = 0
+        groups[-1].append(plan)
+        size += len(plan.index)
+    return groups
+
+
 class Denoiser:
     def __init__(self, loaded: LoadedModel):
         self.loaded = loaded
@@ -112,22 +137,31 @@ class Denoiser:
 
     @torch.inference_mode()
     def step(self, jobs: list[DenoiseJob]) -> list[StepEvent]:
-        """One forward over all jobs' rows, then each job reveals its scheduled tokens."""
+        """One forward over all jobs' rows, the LM head on their candidate positions only (a few
+        jobs per call), then each job reveals its scheduled tokens."""
         ids, key_mask = self._rows(jobs)
-        hidden = self.model(ids, key_mask)
-        events, row = [], 0
+        length = ids.shape[1]
+        hidden = self.model(ids, key_mask).flatten(0, 1)
+        plans, row = [], 0
         for job in jobs:
-            events.append(self._reveal(job, hidden, row))
+            start, end = job.blocks[job.block]
+            candidates = (job.canvas[start:end] == self.mask_id).nonzero().squeeze(-1) + start
+            # Flat indices of the candidates in the job's row, then in its unconditional row.
+            index = torch.cat([(row + r) * length + candidates for r in range(job.rows)])
+            plans.append(HeadPlan(job, candidates, index))
             row += job.rows
+        events = []
+        for group in head_groups(plans, HEAD_ROWS):
+            logits = self.model.logits(hidden[torch.cat([plan.index for plan in group])])
+            for plan, part in zip(group, logits.split([len(plan.index) for plan in group])):
+                events.append(self._reveal(plan.job, plan.candidates, part))
         return events
 
-    def _reveal(self, job: DenoiseJob, hidden: torch.Tensor, row: int) -> StepEvent:
+    def _reveal(self, job: DenoiseJob, candidates: torch.Tensor, logits: torch.Tensor) -> StepEvent:
         params = job.params
-        start, end = job.blocks[job.block]
-        candidates = (job.canvas[start:end] == self.mask_id).nonzero().squeeze(-1) + start
-        logits = self.model.logits(hidden[row, candidates])
         if params.cfg_scale > 0:
-            logits = sampling.cfg_combine(logits, self.model.logits(hidden[row + 1, candidates]), params.cfg_scale)
+            conditional, unconditional_logits = logits.chunk(2)
+            logits = sampling.cfg_combine(conditional, unconditional_logits, params.cfg_scale)
         if params.logits_eos_inf:
             logits[:, self.eos_id] = float("-inf")
         tokens = sampling.choose_tokens(logits, params.temperature, job.generator)

@@ -11,7 +11,7 @@ import torch
 
 from server.engine import sampling
 from server.engine.demo import build_demo, demo_config
-from server.engine.denoiser import Denoiser, generate_batch
+from server.engine.denoiser import Denoiser, HeadPlan, generate_batch, head_groups
 from server.engine.likelihood import ScoreParams, Scorer, ScoringJob, score_pairs
 from server.engine.sampling_params import SamplingParams
 
@@ -241,7 +241,8 @@ def test_lm_head_runs_only_on_block_candidates(demo, prompt, monkeypatch, cfg_sc
             expected += [candidates] * job.rows
         calls.clear()
         denoiser.step(running)
-        assert calls == expected
+        # One LM-head call for all jobs, on exactly their candidates (twice for a CFG job).
+        assert calls == [sum(expected)]
         total_steps += 1
     assert total_steps == 6
 
@@ -324,3 +325,9 @@ def test_greedy_check(demo, prompt):
     assert results[0].loglikelihood < 0
     (plain,) = score_pairs(demo, [(prompt, own)], ScoreParams(mc_num=4, batch_size=2, seed=0))
     assert plain.is_greedy is None
+
+
+def test_head_groups_bound_the_rows_of_one_lm_head_call():
+    plans = [HeadPlan(job=None, candidates=torch.arange(n), index=torch.arange(n)) for n in (300, 200, 100, 600, 5)]
+    groups = head_groups(plans, 512)
+    assert [[len(p.index) for p in g] for g in groups] == [[300, 200], [100], [600], [5]]
