@@ -23,7 +23,7 @@ RUN pip wheel --no-deps --wheel-dir /wheels .
 # ---- runtime bases: one per VARIANT, each with torch for its device ------------------------
 FROM python:3.11-slim AS runtime-cpu
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
-RUN python3 -m pip install torch --index-url https://download.pytorch.org/whl/cpu
+RUN python3 -m pip install "torch>=2.5,<3" --index-url https://download.pytorch.org/whl/cpu
 
 FROM nvidia/cuda:12.4.1-runtime-ubuntu22.04 AS runtime-cuda
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 DEBIAN_FRONTEND=noninteractive
@@ -31,7 +31,7 @@ RUN apt-get update \
     && apt-get install -y --no-install-recommends python3 python3-pip ca-certificates \
     && rm -rf /var/lib/apt/lists/* \
     && ln -sf /usr/bin/python3 /usr/local/bin/python
-RUN python3 -m pip install torch --index-url https://download.pytorch.org/whl/cu124
+RUN python3 -m pip install "torch>=2.5,<3" --index-url https://download.pytorch.org/whl/cu124
 
 # ---- runtime: the selected base plus the server --------------------------------------------
 FROM runtime-${VARIANT} AS runtime
