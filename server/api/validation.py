@@ -3,6 +3,8 @@ translation of valid requests into the engine's inputs."""
 
 from __future__ import annotations
 
+from pydantic import BaseModel
+
 from server.api.errors import ApiError
 from server.api.schemas import Constraint, GenerateRequest, LoglikelihoodRequest, PromptFields
 from server.config import ServerConfig
@@ -13,6 +15,12 @@ from server.engine.sampling_params import SamplingParams
 
 def bad(message: str, param: str, code: str = "invalid_value") -> ApiError:
     return ApiError(400, message, param=param, code=code)
+
+
+def with_default(request: BaseModel, name: str, limit: int) -> int:
+    """A count the client left out takes its documented default, or the server's limit if lower."""
+    value = getattr(request, name)
+    return value if name in request.model_fields_set else min(value, limit)
 
 
 def check_ids(ids: list[int], loaded: LoadedModel, param: str) -> None:
@@ -95,28 +103,30 @@ def constraint_tokens(
 def sampling_params(
     request: GenerateRequest, prompt_len: int, loaded: LoadedModel, config: ServerConfig
 ) -> SamplingParams:
-    if request.gen_length > config.max_gen_length:
+    gen_length = with_default(request, "gen_length", config.max_gen_length)
+    steps = with_default(request, "steps", config.max_steps)
+    if gen_length > config.max_gen_length:
         raise bad(
-            f"gen_length {request.gen_length} is over the limit {config.max_gen_length} (--max-gen-length)",
+            f"gen_length {gen_length} is over the limit {config.max_gen_length} (--max-gen-length)",
             "gen_length",
             "over_limit",
         )
-    if request.steps > config.max_steps:
-        raise bad(f"steps {request.steps} is over the limit {config.max_steps} (--max-steps)", "steps", "over_limit")
-    block_length = request.block_length if request.block_length is not None else min(32, request.gen_length)
-    if block_length > request.gen_length:
-        raise bad(f"block_length {block_length} is larger than gen_length {request.gen_length}", "block_length")
-    total = prompt_len + request.gen_length
+    if steps > config.max_steps:
+        raise bad(f"steps {steps} is over the limit {config.max_steps} (--max-steps)", "steps", "over_limit")
+    block_length = request.block_length if request.block_length is not None else min(32, gen_length)
+    if block_length > gen_length:
+        raise bad(f"block_length {block_length} is larger than gen_length {gen_length}", "block_length")
+    total = prompt_len + gen_length
     if total > loaded.config.max_sequence_length:
         raise bad(
-            f"prompt ({prompt_len} tokens) plus gen_length ({request.gen_length}) exceeds the model's "
+            f"prompt ({prompt_len} tokens) plus gen_length ({gen_length}) exceeds the model's "
             f"max_sequence_length {loaded.config.max_sequence_length}",
             "gen_length",
             "too_long",
         )
     return SamplingParams(
-        gen_length=request.gen_length,
-        steps=request.steps,
+        gen_length=gen_length,
+        steps=steps,
         block_length=block_length,
         temperature=request.temperature,
         cfg_scale=request.cfg_scale,
@@ -124,7 +134,7 @@ def sampling_params(
         logits_eos_inf=request.logits_eos_inf,
         confidence_eos_eot_inf=request.confidence_eos_eot_inf,
         seed=request.seed,
-        constraints=constraint_tokens(request.constraints, request.gen_length, loaded),
+        constraints=constraint_tokens(request.constraints, gen_length, loaded),
     )
 
 
@@ -138,10 +148,9 @@ def score_inputs(
             "requests",
             "over_limit",
         )
-    if request.mc_num > config.max_mc_num:
-        raise bad(
-            f"mc_num {request.mc_num} is over the limit {config.max_mc_num} (--max-mc-num)", "mc_num", "over_limit"
-        )
+    mc_num = with_default(request, "mc_num", config.max_mc_num)
+    if mc_num > config.max_mc_num:
+        raise bad(f"mc_num {mc_num} is over the limit {config.max_mc_num} (--max-mc-num)", "mc_num", "over_limit")
     pairs = []
     for i, item in enumerate(request.requests):
         param = f"requests.{i}"
@@ -166,8 +175,8 @@ def score_inputs(
             )
         pairs.append((context, continuation))
     params = ScoreParams(
-        mc_num=request.mc_num,
-        batch_size=min(request.batch_size, request.mc_num),
+        mc_num=mc_num,
+        batch_size=min(request.batch_size, mc_num),
         cfg_scale=request.cfg_scale,
         greedy=request.greedy,
         seed=request.seed,

@@ -9,6 +9,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.api import parse_sse
+from tests.conftest import app_client
 
 SMALL = {"gen_length": 16, "steps": 16, "block_length": 8}
 CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Say hi."}]
@@ -421,3 +422,13 @@ def test_loglikelihood_one_token_continuation_is_deterministic(client):
     assert first["results"][0]["loglikelihood"] == second["results"][0]["loglikelihood"]
     unseeded = score(client, requests=request, mc_num=3)
     assert unseeded["results"][0]["loglikelihood"] == first["results"][0]["loglikelihood"]
+
+
+def test_left_out_counts_default_to_the_server_limits_when_lower(tiny_model):
+    with app_client(tiny_model, max_gen_length=16, max_steps=8, max_mc_num=4) as client:
+        answer = client.post("/v1/generate", json={"prompt": "hi"}).json()
+        assert len(answer["token_ids"]) == 16 and answer["usage"]["nfe"] <= 8
+        scored = client.post("/v1/loglikelihood", json={"requests": [{"context": "a", "continuation": "bc"}]})
+        assert scored.status_code == 200
+        # An explicit value over the limit is still the client's mistake.
+        assert client.post("/v1/generate", json={"prompt": "hi", "gen_length": 17}).status_code == 400
