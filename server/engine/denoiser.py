@@ -66,6 +66,8 @@ class DenoiseJob:
 # Most candidate rows whose logits are computed in one LM-head call: a [rows, vocab] float32
 # buffer, 260 MB at LLaDA's vocabulary. Jobs beyond it go in further calls.
 HEAD_ROWS = 512
+# Candidate rows sampled at a time: bounds the [rows, vocab] float64 buffers of a long block.
+SAMPLE_ROWS = 64
 
 
 @dataclass(frozen=True)
@@ -164,8 +166,13 @@ class Denoiser:
             logits = sampling.cfg_combine(conditional, unconditional_logits, params.cfg_scale)
         if params.logits_eos_inf:
             logits[:, self.eos_id] = float("-inf")
-        tokens = sampling.choose_tokens(logits, params.temperature, job.generator)
-        probabilities = sampling.token_probabilities(logits, tokens)
+        # In slices, so the float64 noise and the softmax never span a whole long block at once;
+        # the generator draws the same numbers in slices as in one go.
+        tokens, probabilities = [], []
+        for part in logits.split(SAMPLE_ROWS):
+            tokens.append(sampling.choose_tokens(part, params.temperature, job.generator))
+            probabilities.append(sampling.token_probabilities(part, tokens[-1]))
+        tokens, probabilities = torch.cat(tokens), torch.cat(probabilities)
         excluded = self.loaded.special.stops if params.confidence_eos_eot_inf else ()
         confidence = sampling.ranking_confidence(probabilities, tokens, params.remasking, job.generator, excluded)
         chosen = sampling.select_top(confidence, job.schedule[job.step_in_block])

@@ -233,6 +233,8 @@ SOLO_CASES = {
     ),
     "random_remasking": (PROMPT_A, P(gen_length=16, block_length=8, steps=8, remasking="random", seed=7)),
     "temperature": (PROMPT_A, P(gen_length=16, block_length=8, steps=8, temperature=0.8, seed=5)),
+    # a block longer than the engine's sampling slice (64 rows): the noise is drawn in slices
+    "temperature_long_block": (PROMPT_A, P(gen_length=80, block_length=80, steps=10, temperature=0.9, seed=11)),
     # more steps than masks: 6 steps for 4 masks per block, so each block ends with 2 steps of
     # k == 0 (skipped: no forward, no draws; they come after the block is complete, so skipping
     # them is invisible in the answer but must not disturb the seeded stream of the next block)

@@ -1,0 +1,191 @@
+"""Bounded soak run against the real server on loopback.
+
+Starts `python -m server` on a free port, then for --seconds keeps --concurrency clients busy
+(above --max-queue, so 429s happen) with a mix of JSON generations, streams read to the end,
+streams cancelled after their first step, scoring calls and bad requests. Reports requests sent,
+answers by kind and status, requests lost (no HTTP answer, or a stream that ended without
+`done`/`error`), 5xx, and the server's RSS over time, then checks that the queue and running
+gauges are back at zero.
+
+    python -m loadtests.soak --seconds 120 --concurrency 12 --max-queue 4 --json soak.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+import httpx
+from httpx_sse import aconnect_sse
+
+BAD_BODIES = [
+    {"prompt": "x", "gen_length": 0},
+    {"prompt": "x", "steps": "many"},
+    {"prompt": "", "gen_length": 8},
+    {"prompt": "x", "messages": [{"role": "user", "content": "y"}]},
+    {"input_ids": [126336, 5], "gen_length": 8},
+    {"prompt": "x", "gen_length": 8, "block_length": 16},
+    {"prompt": "x", "remasking": "sideways"},
+    {"prompt": "x", "gen_length": 8, "constraints": [{"position": 9, "token_id": 5}]},
+]
+KINDS = ("generate", "stream", "cancel", "score", "bad")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def rss_bytes(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def generation_body(rng: random.Random) -> dict:
+    gen = rng.choice([8, 16, 32])
+    return {"prompt": "soak " * rng.randint(1, 40), "gen_length": gen, "steps": gen, "block_length": min(gen, 8),
+            "temperature": rng.choice([0.0, 0.7]), "seed": rng.randint(0, 1000), "cfg_scale": rng.choice([0.0, 0.5])}
+
+
+async def one_request(client: httpx.AsyncClient, kind: str, rng: random.Random, tally: Counter) -> float:
+    """Sends one request; returns how long to back off (the 429's Retry-After, jittered)."""
+    tally[f"sent:{kind}"] += 1
+    try:
+        if kind in ("generate", "bad", "score"):
+            if kind == "score":
+                url, body = "/v1/loglikelihood", {"requests": [{"context": "soak " * rng.randint(1, 20),
+                                                               "continuation": " test" * rng.randint(1, 3)}],
+                                                 "mc_num": 8, "batch_size": 4, "greedy": rng.random() < 0.5}
+            else:
+                url = "/v1/generate"
+                body = rng.choice(BAD_BODIES) if kind == "bad" else generation_body(rng)
+            response = await client.post(url, json=body)
+            tally[f"status:{response.status_code}"] += 1
+            tally[f"{kind}:{response.status_code}"] += 1
+            return backoff(response, rng)
+        body = {**generation_body(rng), "stream": True}
+        async with aconnect_sse(client, "POST", "/v1/generate", json=body) as source:
+            status = source.response.status_code
+            tally[f"status:{status}"] += 1
+            tally[f"{kind}:{status}"] += 1
+            if status != 200:
+                await source.response.aread()
+                return backoff(source.response, rng)
+            last = None
+            async for event in source.aiter_sse():
+                last = event.event
+                if kind == "cancel" and last == "step":
+                    return 0.0  # leaving the stream cancels the job
+            if last not in ("done", "error"):
+                tally["lost"] += 1
+            elif last == "error":
+                tally["stream_error_events"] += 1
+    except httpx.HTTPError as exc:
+        tally["lost"] += 1
+        tally[f"transport:{type(exc).__name__}"] += 1
+    return 0.0
+
+
+def backoff(response: httpx.Response, rng: random.Random) -> float:
+    if response.status_code != 429:
+        return 0.0
+    return min(float(response.headers.get("retry-after", "1")), 2.0) * rng.uniform(0.5, 1.0)
+
+
+async def client_loop(url: str, deadline: float, seed: int, tally: Counter) -> None:
+    rng = random.Random(seed)
+    async with httpx.AsyncClient(base_url=url, timeout=120) as client:
+        while time.monotonic() < deadline:
+            wait = await one_request(client, rng.choices(KINDS, weights=(3, 2, 1, 2, 1))[0], rng, tally)
+            await asyncio.sleep(min(wait, max(0.0, deadline - time.monotonic())))
+
+
+async def sample_memory(pid: int, deadline: float, samples: list[tuple[float, int]], every: float) -> None:
+    start = time.monotonic()
+    while time.monotonic() < deadline:
+        samples.append((time.monotonic() - start, rss_bytes(pid)))
+        await asyncio.sleep(every)
+
+
+def gauges(url: str) -> dict[str, float]:
+    text = httpx.get(url + "/metrics").text
+    return {line.split()[0]: float(line.split()[1]) for line in text.splitlines()
+            if line.startswith(("llada_queue_depth", "llada_running_jobs"))}
+
+
+async def run(args: argparse.Namespace, url: str, pid: int) -> dict:
+    tally: Counter = Counter()
+    samples: list[tuple[float, int]] = []
+    deadline = time.monotonic() + args.seconds
+    await asyncio.gather(
+        sample_memory(pid, deadline, samples, every=max(1.0, args.seconds / 30)),
+        *(client_loop(url, deadline, seed, tally) for seed in range(args.concurrency)),
+    )
+    settle = time.monotonic() + 30
+    while any(gauges(url).values()) and time.monotonic() < settle:
+        await asyncio.sleep(0.2)
+    third = max(1, len(samples) // 3)
+    return {
+        "seconds": args.seconds, "concurrency": args.concurrency, "max_queue": args.max_queue,
+        "sent": sum(v for k, v in tally.items() if k.startswith("sent:")),
+        "lost": tally["lost"],
+        "server_errors_5xx": sum(v for k, v in tally.items() if k.startswith("status:5")),
+        "tally": dict(sorted(tally.items())),
+        "gauges_after": gauges(url),
+        "rss_mb_start": samples[0][1] / 2**20, "rss_mb_end": samples[-1][1] / 2**20,
+        "rss_mb_first_third_mean": sum(s[1] for s in samples[:third]) / third / 2**20,
+        "rss_mb_last_third_mean": sum(s[1] for s in samples[-third:]) / third / 2**20,
+        "rss_samples": [(round(t, 1), round(b / 2**20, 1)) for t, b in samples],
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seconds", type=float, default=120.0)
+    parser.add_argument("--concurrency", type=int, default=12)
+    parser.add_argument("--max-queue", type=int, default=4)
+    parser.add_argument("--max-batch-rows", type=int, default=8)
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    log = tempfile.NamedTemporaryFile("w", suffix=".log", delete=False)
+    server = subprocess.Popen(
+        [sys.executable, "-m", "server", "--port", str(port), "--max-queue", str(args.max_queue),
+         "--max-batch-rows", str(args.max_batch_rows), "--log-level", "warning"],
+        stdout=log, stderr=subprocess.STDOUT, env=os.environ.copy())
+    try:
+        for _ in range(600):
+            try:
+                if httpx.get(url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.1)
+        report = asyncio.run(run(args, url, server.pid))
+    finally:
+        server.terminate()
+        report_exit = server.wait(timeout=60)
+    report["server_exit_code"] = report_exit
+    report["server_log"] = log.name
+    print(json.dumps({k: v for k, v in report.items() if k != "rss_samples"}, indent=2))
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2))
+    healthy = report["lost"] == 0 and report["server_errors_5xx"] == 0 and not any(report["gauges_after"].values())
+    return 0 if healthy and report_exit == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
