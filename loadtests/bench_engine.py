@@ -69,8 +69,9 @@ PROMPT_TEXTS = [
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default cpu)")
-    p.add_argument("--dtype", default="auto",
-                   help="auto (float32 on CPU, bfloat16 on CUDA), bfloat16, float16, float32")
+    p.add_argument(
+        "--dtype", default="auto", help="auto (float32 on CPU, bfloat16 on CUDA), bfloat16, float16, float32"
+    )
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
     # bench configuration
     p.add_argument("--d-model", type=int, default=512)
@@ -85,15 +86,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=32)
     p.add_argument("--block-length", type=int, default=32)
     p.add_argument("--repeats", type=int, default=3, help="repetitions of the three runs; the median is reported")
-    p.add_argument("--breakdown", choices=("auto", "on", "off"), default="auto",
-                   help="time model body / LM head / rest per run (auto: on for CPU; on CUDA it adds syncs)")
+    p.add_argument(
+        "--breakdown",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="time model body / LM head / rest per run (auto: on for CPU; on CUDA it adds syncs)",
+    )
     # memory runs
     p.add_argument("--mem-gen-length", type=int, default=512)
     p.add_argument("--mem-steps", type=int, default=16)
-    p.add_argument("--mem-cases", default="512:0,512:1,32:1",
-                   help="comma list of BLOCK_LENGTH:TEMPERATURE; one reference and one engine child per case "
-                        "(block_length = gen_length is the fixed-length worst case; temperature > 0 adds the "
-                        "float64 Gumbel work; on CUDA only temperature 0 is run: the reference draws on CPU)")
+    p.add_argument(
+        "--mem-cases",
+        default="512:0,512:1,32:1",
+        help="comma list of BLOCK_LENGTH:TEMPERATURE; one reference and one engine child per case "
+        "(block_length = gen_length is the fixed-length worst case; temperature > 0 adds the "
+        "float64 Gumbel work; on CUDA only temperature 0 is run: the reference draws on CPU)",
+    )
     p.add_argument("--skip-memory", action="store_true")
     p.add_argument("--skip-throughput", action="store_true")
     p.add_argument("--json", dest="json_path", default=None, help="write the figures to this file")
@@ -105,8 +113,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def bench_config(args: argparse.Namespace):
-    return demo_config(d_model=args.d_model, n_layers=args.n_layers, n_heads=args.n_heads,
-                       n_kv_heads=args.n_kv_heads, mlp_hidden_size=args.mlp_hidden_size)
+    return demo_config(
+        d_model=args.d_model,
+        n_layers=args.n_layers,
+        n_heads=args.n_heads,
+        n_kv_heads=args.n_kv_heads,
+        mlp_hidden_size=args.mlp_hidden_size,
+    )
 
 
 def build(args: argparse.Namespace):
@@ -175,8 +188,11 @@ def flops_share(config) -> dict:
     d, h, kv = config.d_model, config.mlp_hidden_size, config.n_kv_heads * config.head_dim
     body = config.n_layers * (2 * d * d + 2 * d * kv + 3 * d * h)
     head = d * config.vocab_size
-    return {"body_params_per_token": body, "head_params_per_token": head,
-            "head_share_of_full_forward": round(head / (body + head), 3)}
+    return {
+        "body_params_per_token": body,
+        "head_params_per_token": head,
+        "head_share_of_full_forward": round(head / (body + head), 3),
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -225,8 +241,12 @@ class PartTimer:
     def parts(self, wall: float) -> dict | None:
         if not self.enabled:
             return None
-        return {"forwards": self.forwards, "body_s": round(self.body, 3), "lm_head_s": round(self.head, 3),
-                "rest_s": round(wall - self.body - self.head, 3)}
+        return {
+            "forwards": self.forwards,
+            "body_s": round(self.body, 3),
+            "lm_head_s": round(self.head, 3),
+            "rest_s": round(wall - self.body - self.head, 3),
+        }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -242,20 +262,32 @@ def run_reference(loaded, prompts, params: SamplingParams) -> list[list[int]]:
 
     answers = []
     for prompt in prompts:
-        answers.append(reference_generate(
-            logits_fn, prompt, gen_length=params.gen_length, steps=params.steps,
-            block_length=params.block_length, temperature=params.temperature, cfg_scale=params.cfg_scale,
-            remasking=params.remasking, logits_eos_inf=params.logits_eos_inf,
-            confidence_eos_eot_inf=params.confidence_eos_eot_inf, constraints=dict(params.constraints),
-            seed=params.seed or 0, mask_id=special.mask, eos_id=special.eos, eot_id=special.eot,
-        ))
+        answers.append(
+            reference_generate(
+                logits_fn,
+                prompt,
+                gen_length=params.gen_length,
+                steps=params.steps,
+                block_length=params.block_length,
+                temperature=params.temperature,
+                cfg_scale=params.cfg_scale,
+                remasking=params.remasking,
+                logits_eos_inf=params.logits_eos_inf,
+                confidence_eos_eot_inf=params.confidence_eos_eot_inf,
+                constraints=dict(params.constraints),
+                seed=params.seed or 0,
+                mask_id=special.mask,
+                eos_id=special.eos,
+                eot_id=special.eot,
+            )
+        )
     return answers
 
 
 def run_engine(loaded, prompts, params: SamplingParams, batch: int) -> list[list[int]]:
     answers = []
     for i in range(0, len(prompts), batch):
-        chunk = prompts[i:i + batch]
+        chunk = prompts[i : i + batch]
         answers.extend(generate_batch(loaded, chunk, [params] * len(chunk)))
     return answers
 
@@ -271,8 +303,9 @@ def timed(fn, device):
 def throughput(args, loaded) -> dict:
     device = loaded.device
     prompts = prompts_for(loaded, args.requests)
-    params = SamplingParams(gen_length=args.gen_length, steps=args.steps, block_length=args.block_length,
-                            temperature=0.0, seed=0)
+    params = SamplingParams(
+        gen_length=args.gen_length, steps=args.steps, block_length=args.block_length, temperature=0.0, seed=0
+    )
     breakdown = args.breakdown == "on" or (args.breakdown == "auto" and device.type != "cuda")
 
     # warm-up: one full request through both paths (allocator, BLAS / cuBLAS initialisation);
@@ -307,14 +340,18 @@ def throughput(args, loaded) -> dict:
 
     with torch.inference_mode():
         for rep in range(args.repeats):
-            print(f"  repetition {rep + 1}/{args.repeats}: reference and engine batch 1, request by request ...",
-                  flush=True)
+            print(
+                f"  repetition {rep + 1}/{args.repeats}: reference and engine batch 1, request by request ...",
+                flush=True,
+            )
             rep_wall = {names[0]: 0.0, names[1]: 0.0}
             rep_cpu = {names[0]: 0.0, names[1]: 0.0}
             rep_answers = {names[0]: [], names[1]: []}
             for prompt in prompts:
-                for name, fn in ((names[0], lambda p=prompt: run_reference(loaded, [p], params)),
-                                 (names[1], lambda p=prompt: run_engine(loaded, [p], params, batch=1))):
+                for name, fn in (
+                    (names[0], lambda p=prompt: run_reference(loaded, [p], params)),
+                    (names[1], lambda p=prompt: run_engine(loaded, [p], params, batch=1)),
+                ):
                     out, wall, cpu = one(name, fn)
                     rep_wall[name] += wall
                     rep_cpu[name] += cpu
@@ -331,16 +368,25 @@ def throughput(args, loaded) -> dict:
     runs = {}
     for name in names:
         wall = statistics.median(walls[name])
-        run = {"wall_s": round(wall, 3), "tokens": tokens, "tokens_per_s": round(tokens / wall, 2),
-               "process_cpu_s": round(statistics.median(cpus[name]), 3),
-               "wall_s_each_repetition": [round(w, 3) for w in walls[name]], "parts": None}
+        run = {
+            "wall_s": round(wall, 3),
+            "tokens": tokens,
+            "tokens_per_s": round(tokens / wall, 2),
+            "process_cpu_s": round(statistics.median(cpus[name]), 3),
+            "wall_s_each_repetition": [round(w, 3) for w in walls[name]],
+            "parts": None,
+        }
         if timer.enabled:
             acc = parts_acc[name]
             reps = args.repeats
             body, head = acc["body_s"] / reps, acc["lm_head_s"] / reps
             mean_wall = sum(walls[name]) / reps
-            run["parts"] = {"forwards": acc["forwards"] // reps, "body_s": round(body, 3),
-                            "lm_head_s": round(head, 3), "rest_s": round(mean_wall - body - head, 3)}
+            run["parts"] = {
+                "forwards": acc["forwards"] // reps,
+                "body_s": round(body, 3),
+                "lm_head_s": round(head, 3),
+                "rest_s": round(mean_wall - body - head, 3),
+            }
         runs[name] = run
     ref_tps = runs["reference"]["tokens_per_s"]
     for run in runs.values():
@@ -357,10 +403,19 @@ def throughput(args, loaded) -> dict:
         "prompt_lengths": [len(p) for p in prompts],
         # positions per forward of the batched run: real ones, and computed ones once right-padded
         # to the longest row (the batched forward's body does the padded amount of work)
-        "batched_forward_positions": {"real": sum(lengths), "padded": len(lengths) * max(lengths),
-                                      "padding_overhead": round(len(lengths) * max(lengths) / sum(lengths) - 1, 3)},
-        "settings": {"requests": args.requests, "gen_length": args.gen_length, "steps": args.steps,
-                     "block_length": args.block_length, "temperature": 0.0, "remasking": "low_confidence"},
+        "batched_forward_positions": {
+            "real": sum(lengths),
+            "padded": len(lengths) * max(lengths),
+            "padding_overhead": round(len(lengths) * max(lengths) / sum(lengths) - 1, 3),
+        },
+        "settings": {
+            "requests": args.requests,
+            "gen_length": args.gen_length,
+            "steps": args.steps,
+            "block_length": args.block_length,
+            "temperature": 0.0,
+            "remasking": "low_confidence",
+        },
         "repeats": args.repeats,
         "loadavg_before": load_before,
         "loadavg_after": load_after,
@@ -401,10 +456,10 @@ def diagnostics(args, loaded) -> dict:
         per_job = min(args.block_length, args.gen_length)
         for k in sorted({1, per_job // 2, per_job}):
             if k > 0:
-                out[f"lm_head_ms_{k}_candidates"] = best(lambda k=k: model.logits(hidden[start:start + k]))
+                out[f"lm_head_ms_{k}_candidates"] = best(lambda k=k: model.logits(hidden[start : start + k]))
         # every job's half-block of candidates in one call, the shape a shared head call would have
         k_all = args.requests * max(1, per_job // 2)
-        stacked = hidden[start:start + max(1, per_job // 2)].repeat(args.requests, 1)[:k_all]
+        stacked = hidden[start : start + max(1, per_job // 2)].repeat(args.requests, 1)[:k_all]
         out[f"lm_head_ms_{k_all}_candidates_one_call"] = best(lambda: model.logits(stacked))
     return out
 
@@ -435,14 +490,23 @@ def measure_memory_child(args) -> dict:
     loaded = build(args)
     device = loaded.device
     prompt = prompts_for(loaded, 1)[0]
-    params = SamplingParams(gen_length=args.mem_gen_length, steps=args.mem_steps,
-                            block_length=args.mem_block_length, temperature=args.mem_temperature, seed=0)
+    params = SamplingParams(
+        gen_length=args.mem_gen_length,
+        steps=args.mem_steps,
+        block_length=args.mem_block_length,
+        temperature=args.mem_temperature,
+        seed=0,
+    )
     # one tiny forward first, so library initialisation (thread pools, BLAS, cuBLAS workspace) is
     # part of the baseline and not charged to either sampler
     with torch.inference_mode():
         loaded.model.full_logits(torch.tensor([prompt[:4]], device=device))
-    result = {"which": args.measure_memory, "block_length": args.mem_block_length,
-              "temperature": args.mem_temperature, "prompt_length": len(prompt)}
+    result = {
+        "which": args.measure_memory,
+        "block_length": args.mem_block_length,
+        "temperature": args.mem_temperature,
+        "prompt_length": len(prompt),
+    }
     if device.type == "cuda":
         sync(device)
         torch.cuda.reset_peak_memory_stats(device)
@@ -474,8 +538,9 @@ def measure_memory_child(args) -> dict:
             # peak; VmHWM is reset right after the build and measures the run alone.
             result["hwm_delta_mib"] = round((_vm_hwm_kib() - base_hwm) / 1024, 1)
             result["peak_delta_mib"] = result["hwm_delta_mib"]
-            result["method"] = ("VmHWM after run - RSS after build and a tiny warm-up forward "
-                                "(high-water mark reset there)")
+            result["method"] = (
+                "VmHWM after run - RSS after build and a tiny warm-up forward (high-water mark reset there)"
+            )
         else:
             result["peak_delta_mib"] = result["maxrss_delta_mib"]
             result["method"] = "ru_maxrss after run - ru_maxrss after build and a tiny warm-up forward"
@@ -483,10 +548,28 @@ def measure_memory_child(args) -> dict:
 
 
 def child_args(args) -> list[str]:
-    out = ["--device", args.device, "--dtype", args.dtype, "--d-model", str(args.d_model),
-           "--n-layers", str(args.n_layers), "--n-heads", str(args.n_heads), "--n-kv-heads", str(args.n_kv_heads),
-           "--mlp-hidden-size", str(args.mlp_hidden_size), "--model-seed", str(args.model_seed),
-           "--mem-gen-length", str(args.mem_gen_length), "--mem-steps", str(args.mem_steps)]
+    out = [
+        "--device",
+        args.device,
+        "--dtype",
+        args.dtype,
+        "--d-model",
+        str(args.d_model),
+        "--n-layers",
+        str(args.n_layers),
+        "--n-heads",
+        str(args.n_heads),
+        "--n-kv-heads",
+        str(args.n_kv_heads),
+        "--mlp-hidden-size",
+        str(args.mlp_hidden_size),
+        "--model-seed",
+        str(args.model_seed),
+        "--mem-gen-length",
+        str(args.mem_gen_length),
+        "--mem-steps",
+        str(args.mem_steps),
+    ]
     if args.threads:
         out += ["--threads", str(args.threads)]
     return out
@@ -506,10 +589,22 @@ def memory(args, loaded) -> dict:
     measurements = []
     for block, temp in cases:
         for which in ("ref", "engine"):
-            print(f"  measuring memory: {which}, block_length {block}, temperature {temp:g} (child process) ...",
-                  flush=True)
-            cmd = [sys.executable, "-m", "loadtests.bench_engine", "--measure-memory", which,
-                   "--mem-block-length", str(block), "--mem-temperature", str(temp), *child_args(args)]
+            print(
+                f"  measuring memory: {which}, block_length {block}, temperature {temp:g} (child process) ...",
+                flush=True,
+            )
+            cmd = [
+                sys.executable,
+                "-m",
+                "loadtests.bench_engine",
+                "--measure-memory",
+                which,
+                "--mem-block-length",
+                str(block),
+                "--mem-temperature",
+                str(temp),
+                *child_args(args),
+            ]
             proc = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True)
             if proc.returncode != 0:
                 raise RuntimeError(f"memory child failed:\n{proc.stderr[-4000:]}")
@@ -526,8 +621,11 @@ def memory(args, loaded) -> dict:
         "candidates_V_float32_mib": round(largest_block * vocab * 4 / 2**20, 1),
         "candidates_V_float64_mib": round(largest_block * vocab * 8 / 2**20, 1),
     }
-    return {"settings": {"gen_length": args.mem_gen_length, "steps": args.mem_steps, "prompt_length": prompt_len},
-            "measurements": measurements, "theoretical": theory}
+    return {
+        "settings": {"gen_length": args.mem_gen_length, "steps": args.mem_steps, "prompt_length": prompt_len},
+        "measurements": measurements,
+        "theoretical": theory,
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -543,52 +641,80 @@ def print_report(result: dict) -> None:
     print("\n== bench configuration")
     print("  " + ", ".join(f"{k}={v}" for k, v in cfg.items()))
     share = result["flops"]
-    print(f"  LM head share of a full-logits forward: bench config {share['bench']['head_share_of_full_forward']:.1%}, "
-          f"LLaDA-8B shape {share['llada_8b']['head_share_of_full_forward']:.1%}")
+    print(
+        f"  LM head share of a full-logits forward: bench config {share['bench']['head_share_of_full_forward']:.1%}, "
+        f"LLaDA-8B shape {share['llada_8b']['head_share_of_full_forward']:.1%}"
+    )
     if "throughput" in result:
         t = result["throughput"]
         s = t["settings"]
-        print(f"\n== throughput: {s['requests']} requests, gen_length {s['gen_length']}, steps {s['steps']}, "
-              f"block_length {s['block_length']}, temperature 0; prompt lengths {t['prompt_lengths']}")
+        print(
+            f"\n== throughput: {s['requests']} requests, gen_length {s['gen_length']}, steps {s['steps']}, "
+            f"block_length {s['block_length']}, temperature 0; prompt lengths {t['prompt_lengths']}"
+        )
         bp = t["batched_forward_positions"]
-        print(f"  batched forward: {bp['real']} real positions, {bp['padded']} once right-padded "
-              f"(+{bp['padding_overhead']:.0%} work in the body)")
-        print(f"  repeats {t['repeats']} (median reported); load average before {t['loadavg_before']}, "
-              f"after {t['loadavg_after']}")
-        print(f"  {'run':18s} {'wall s':>8s} {'cpu s':>8s} {'tokens/s':>9s} {'vs ref':>7s}   "
-              f"parts (body / LM head / rest, s)")
+        print(
+            f"  batched forward: {bp['real']} real positions, {bp['padded']} once right-padded "
+            f"(+{bp['padding_overhead']:.0%} work in the body)"
+        )
+        print(
+            f"  repeats {t['repeats']} (median reported); load average before {t['loadavg_before']}, "
+            f"after {t['loadavg_after']}"
+        )
+        print(
+            f"  {'run':18s} {'wall s':>8s} {'cpu s':>8s} {'tokens/s':>9s} {'vs ref':>7s}   "
+            f"parts (body / LM head / rest, s)"
+        )
         for name, r in t["runs"].items():
             parts = r["parts"]
-            ptxt = (f"{parts['body_s']:.2f} / {parts['lm_head_s']:.2f} / {parts['rest_s']:.2f}"
-                    f"  ({parts['forwards']} forwards)") if parts else "-"
-            print(f"  {name:18s} {r['wall_s']:8.2f} {r['process_cpu_s']:8.2f} {r['tokens_per_s']:9.2f} "
-                  f"{r['vs_reference']:6.2f}x   {ptxt}")
+            ptxt = (
+                (
+                    f"{parts['body_s']:.2f} / {parts['lm_head_s']:.2f} / {parts['rest_s']:.2f}"
+                    f"  ({parts['forwards']} forwards)"
+                )
+                if parts
+                else "-"
+            )
+            print(
+                f"  {name:18s} {r['wall_s']:8.2f} {r['process_cpu_s']:8.2f} {r['tokens_per_s']:9.2f} "
+                f"{r['vs_reference']:6.2f}x   {ptxt}"
+            )
         for name, a in t["answers_equal_reference"].items():
             verdict = "EQUAL" if a["equal_requests"] == a["requests"] else "DIFFERENT"
-            print(f"  answers {name} vs reference: {verdict} ({a['equal_requests']}/{a['requests']} requests, "
-                  f"{a['differing_tokens']} differing tokens)")
+            print(
+                f"  answers {name} vs reference: {verdict} ({a['equal_requests']}/{a['requests']} requests, "
+                f"{a['differing_tokens']} differing tokens)"
+            )
     if "diagnostics" in result:
-        print(f"\n== diagnostics (best of 3, ms; the {result['throughput']['settings']['requests']} "
-              f"throughput prompts with their masked answers)")
+        print(
+            f"\n== diagnostics (best of 3, ms; the {result['throughput']['settings']['requests']} "
+            f"throughput prompts with their masked answers)"
+        )
         for k, v in result["diagnostics"].items():
             print(f"  {k:42s} {v:10.2f}")
     if "memory" in result:
         mem = result["memory"]
         s = mem["settings"]
-        print(f"\n== peak memory: one request, prompt {s['prompt_length']}, gen_length {s['gen_length']}, "
-              f"steps {s['steps']}")
+        print(
+            f"\n== peak memory: one request, prompt {s['prompt_length']}, gen_length {s['gen_length']}, "
+            f"steps {s['steps']}"
+        )
         for r in mem["measurements"]:
             extra = f"  (ru_maxrss delta {r['maxrss_delta_mib']:.1f} MiB)" if "maxrss_delta_mib" in r else ""
-            print(f"  {r['which']:6s} block_length {r['block_length']:4d}, temperature {r['temperature']:g}: "
-                  f"peak delta {r['peak_delta_mib']:8.1f} MiB"
-                  f"{extra}  [{r['wall_s']:.1f} s]")
+            print(
+                f"  {r['which']:6s} block_length {r['block_length']:4d}, temperature {r['temperature']:g}: "
+                f"peak delta {r['peak_delta_mib']:8.1f} MiB"
+                f"{extra}  [{r['wall_s']:.1f} s]"
+            )
         print(f"  method: {mem['measurements'][0]['method']}")
         th = mem["theoretical"]
-        print(f"  theoretical: published reference's [rows, L={th['sequence_length']}, V] float64 = "
-              f"{th['published_reference_rows_L_V_float64_mib']:.1f} MiB per tensor (x2 rows with CFG: "
-              f"{th['published_reference_rows_L_V_float64_mib_cfg']:.1f} MiB); full logits [L, V] float32 = "
-              f"{th['full_logits_L_V_float32_mib']:.1f} MiB; [{th['largest_block']} candidates, V] float32 / float64 = "
-              f"{th['candidates_V_float32_mib']:.1f} / {th['candidates_V_float64_mib']:.1f} MiB")
+        print(
+            f"  theoretical: published reference's [rows, L={th['sequence_length']}, V] float64 = "
+            f"{th['published_reference_rows_L_V_float64_mib']:.1f} MiB per tensor (x2 rows with CFG: "
+            f"{th['published_reference_rows_L_V_float64_mib_cfg']:.1f} MiB); full logits [L, V] float32 = "
+            f"{th['full_logits_L_V_float32_mib']:.1f} MiB; [{th['largest_block']} candidates, V] float32 / float64 = "
+            f"{th['candidates_V_float32_mib']:.1f} / {th['candidates_V_float64_mib']:.1f} MiB"
+        )
     if result.get("goals"):
         print("\n== goals")
         for g in result["goals"]:
@@ -603,10 +729,12 @@ def goals(result: dict) -> list[dict]:
         b1 = runs["engine_batch_1"]["vs_reference"]
         bn_name = [n for n in runs if n.startswith("engine_batch_") and n != "engine_batch_1"][0]
         bn = runs[bn_name]["vs_reference"]
-        out.append({"goal": "engine batch 1 at least as fast as the reference", "met": b1 >= 1.0,
-                    "measured": f"{b1:.2f}x"})
-        out.append({"goal": f"{bn_name} at least 3x the reference's tokens/s", "met": bn >= 3.0,
-                    "measured": f"{bn:.2f}x"})
+        out.append(
+            {"goal": "engine batch 1 at least as fast as the reference", "met": b1 >= 1.0, "measured": f"{b1:.2f}x"}
+        )
+        out.append(
+            {"goal": f"{bn_name} at least 3x the reference's tokens/s", "met": bn >= 3.0, "measured": f"{bn:.2f}x"}
+        )
     mem = result.get("memory")
     if mem:
         by = {(r["which"], r["block_length"], r["temperature"]): r["peak_delta_mib"] for r in mem["measurements"]}
@@ -615,10 +743,14 @@ def goals(result: dict) -> list[dict]:
             if ref is None or eng is None:
                 continue
             ratio = eng / ref if ref > 0 else float("nan")
-            out.append({"goal": f"peak memory far below the reference's, taken as <= {FAR_BELOW}x "
-                                f"(block_length {block}, temperature {temp:g})",
-                        "met": ratio <= FAR_BELOW,
-                        "measured": f"engine {eng:.1f} MiB vs reference {ref:.1f} MiB ({ratio:.2f}x)"})
+            out.append(
+                {
+                    "goal": f"peak memory far below the reference's, taken as <= {FAR_BELOW}x "
+                    f"(block_length {block}, temperature {temp:g})",
+                    "met": ratio <= FAR_BELOW,
+                    "measured": f"engine {eng:.1f} MiB vs reference {ref:.1f} MiB ({ratio:.2f}x)",
+                }
+            )
     return out
 
 
@@ -634,13 +766,22 @@ def main(argv: list[str] | None = None) -> None:
         "command": "python -m loadtests.bench_engine " + " ".join(sys.argv[1:] if argv is None else argv),
         "machine": machine_info(loaded.device),
         "dtype": str(loaded.dtype).replace("torch.", ""),
-        "config": {"d_model": config.d_model, "n_layers": config.n_layers, "n_heads": config.n_heads,
-                   "n_kv_heads": config.n_kv_heads, "head_dim": config.head_dim,
-                   "mlp_hidden_size": config.mlp_hidden_size, "vocab_size": config.vocab_size,
-                   "parameters": sum(p.numel() for p in loaded.model.parameters())},
-        "flops": {"bench": flops_share(config),
-                  "llada_8b": flops_share(demo_config(d_model=4096, n_layers=32, n_heads=32, n_kv_heads=32,
-                                                      mlp_hidden_size=12288))},
+        "config": {
+            "d_model": config.d_model,
+            "n_layers": config.n_layers,
+            "n_heads": config.n_heads,
+            "n_kv_heads": config.n_kv_heads,
+            "head_dim": config.head_dim,
+            "mlp_hidden_size": config.mlp_hidden_size,
+            "vocab_size": config.vocab_size,
+            "parameters": sum(p.numel() for p in loaded.model.parameters()),
+        },
+        "flops": {
+            "bench": flops_share(config),
+            "llada_8b": flops_share(
+                demo_config(d_model=4096, n_layers=32, n_heads=32, n_kv_heads=32, mlp_hidden_size=12288)
+            ),
+        },
     }
     print("bench configuration:", result["config"], flush=True)
     if not args.skip_throughput:

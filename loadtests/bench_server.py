@@ -71,10 +71,15 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu", help="server and in-process device (default cpu)")
-    p.add_argument("--dtype", default="auto",
-                   help="auto (float32 on CPU, bfloat16 on CUDA), bfloat16, float16, float32")
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch threads for the server and the in-process engine (default: torch's choice)")
+    p.add_argument(
+        "--dtype", default="auto", help="auto (float32 on CPU, bfloat16 on CUDA), bfloat16, float16, float32"
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch threads for the server and the in-process engine (default: torch's choice)",
+    )
     # bench configuration (as loadtests/bench_engine.py)
     p.add_argument("--d-model", type=int, default=512)
     p.add_argument("--n-layers", type=int, default=6)
@@ -100,8 +105,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def bench_config(args: argparse.Namespace):
-    return demo_config(d_model=args.d_model, n_layers=args.n_layers, n_heads=args.n_heads,
-                       n_kv_heads=args.n_kv_heads, mlp_hidden_size=args.mlp_hidden_size)
+    return demo_config(
+        d_model=args.d_model,
+        n_layers=args.n_layers,
+        n_heads=args.n_heads,
+        n_kv_heads=args.n_kv_heads,
+        mlp_hidden_size=args.mlp_hidden_size,
+    )
 
 
 def machine_info() -> dict:
@@ -132,6 +142,7 @@ def load_average() -> list[float] | None:
 
 def cpu_busy_share(seconds: float = 2.0) -> float | None:
     """Share of all cores busy over `seconds`, from /proc/stat (Linux): other work on the machine."""
+
     def sample() -> tuple[int, int]:
         values = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
         return sum(values), values[3] + values[4]  # total, idle + iowait
@@ -158,19 +169,43 @@ def write_model(args: argparse.Namespace, folder: Path) -> dict:
     save_checkpoint(loaded, folder)
     del loaded
     gc.collect()
-    return {"d_model": config.d_model, "n_layers": config.n_layers, "n_heads": config.n_heads,
-            "n_kv_heads": config.n_kv_heads, "head_dim": config.head_dim, "mlp_hidden_size": config.mlp_hidden_size,
-            "vocab_size": config.vocab_size, "parameters": params}
+    return {
+        "d_model": config.d_model,
+        "n_layers": config.n_layers,
+        "n_heads": config.n_heads,
+        "n_kv_heads": config.n_kv_heads,
+        "head_dim": config.head_dim,
+        "mlp_hidden_size": config.mlp_hidden_size,
+        "vocab_size": config.vocab_size,
+        "parameters": params,
+    }
 
 
 class ServerProcess:
     def __init__(self, args: argparse.Namespace, model: Path, log_path: Path):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.cmd = [sys.executable, "-m", "server", "--model", str(model), "--host", "127.0.0.1",
-                    "--port", str(self.port), "--device", args.device, "--dtype", args.dtype,
-                    "--max-batch-rows", str(args.max_batch_rows), "--max-queue", "256",
-                    "--log-level", "warning"]
+        self.cmd = [
+            sys.executable,
+            "-m",
+            "server",
+            "--model",
+            str(model),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--device",
+            args.device,
+            "--dtype",
+            args.dtype,
+            "--max-batch-rows",
+            str(args.max_batch_rows),
+            "--max-queue",
+            "256",
+            "--log-level",
+            "warning",
+        ]
         env = dict(os.environ)
         if args.threads:
             env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(args.threads)
@@ -243,8 +278,13 @@ def engine_share(before: dict[str, float], after: dict[str, float], wall_s: floa
 # the runs
 
 
-def fixed_payloads(args, count: int, prompt_lengths: list[int] | None = None, stream_share: float | None = None,
-                   steps: int | None = None) -> list[dict]:
+def fixed_payloads(
+    args,
+    count: int,
+    prompt_lengths: list[int] | None = None,
+    stream_share: float | None = None,
+    steps: int | None = None,
+) -> list[dict]:
     share = args.stream_share if stream_share is None else stream_share
     out = []
     for i in range(count):
@@ -255,8 +295,9 @@ def fixed_payloads(args, count: int, prompt_lengths: list[int] | None = None, st
 
 
 def load_run(url: str, payloads: list[dict], concurrency: int, max_seconds: float) -> LoadReport:
-    return asyncio.run(run_load(url, planned(payloads), max_requests=len(payloads), max_seconds=max_seconds,
-                                concurrency=concurrency))
+    return asyncio.run(
+        run_load(url, planned(payloads), max_requests=len(payloads), max_seconds=max_seconds, concurrency=concurrency)
+    )
 
 
 def process_cpu_s(pid: int) -> float | None:
@@ -268,8 +309,9 @@ def process_cpu_s(pid: int) -> float | None:
         return None
 
 
-def measured_run(name: str, url: str, payloads: list[dict], concurrency: int, max_seconds: float,
-                 server_pid: int) -> dict:
+def measured_run(
+    name: str, url: str, payloads: list[dict], concurrency: int, max_seconds: float, server_pid: int
+) -> dict:
     print(f"  running {name}: {len(payloads)} requests at concurrency {concurrency} ...", flush=True)
     load_before, server_cpu, client_cpu = load_average(), process_cpu_s(server_pid), time.process_time()
     before = scrape(url)
@@ -278,15 +320,27 @@ def measured_run(name: str, url: str, payloads: list[dict], concurrency: int, ma
     client_cpu = time.process_time() - client_cpu
     server_cpu = (process_cpu_s(server_pid) or 0.0) - (server_cpu or 0.0)
     print("    " + format_report(report).replace("\n", "\n    "), flush=True)
-    requests = [{"index": r.index, "stream": r.stream, "prompt_tokens": r.prompt_tokens,
-                 "sent_s": round(r.sent_s, 3), "latency_s": r.latency_s and round(r.latency_s, 4),
-                 "ttfs_s": r.ttfs_s and round(r.ttfs_s, 4),
-                 "server_queue_s": r.server_queue_s and round(r.server_queue_s, 4),
-                 "error": r.error} for r in report.results]
-    return {"load": report.to_dict(), "engine": engine_share(before, after, report.wall_s),
-            "cpu_s": {"server": round(server_cpu, 2), "load_generator": round(client_cpu, 2)},
-            "load_average": [load_before, load_average()],
-            "prompt_lengths": sorted({len(p["input_ids"]) for p in payloads}), "requests": requests}
+    requests = [
+        {
+            "index": r.index,
+            "stream": r.stream,
+            "prompt_tokens": r.prompt_tokens,
+            "sent_s": round(r.sent_s, 3),
+            "latency_s": r.latency_s and round(r.latency_s, 4),
+            "ttfs_s": r.ttfs_s and round(r.ttfs_s, 4),
+            "server_queue_s": r.server_queue_s and round(r.server_queue_s, 4),
+            "error": r.error,
+        }
+        for r in report.results
+    ]
+    return {
+        "load": report.to_dict(),
+        "engine": engine_share(before, after, report.wall_s),
+        "cpu_s": {"server": round(server_cpu, 2), "load_generator": round(client_cpu, 2)},
+        "load_average": [load_before, load_average()],
+        "prompt_lengths": sorted({len(p["input_ids"]) for p in payloads}),
+        "requests": requests,
+    }
 
 
 def timed_http(client: httpx.Client, url: str, payload: dict) -> tuple[float, list[int], float | None]:
@@ -310,13 +364,17 @@ def timed_http(client: httpx.Client, url: str, payload: dict) -> tuple[float, li
 
 
 def overhead(args, url: str, model_folder: Path) -> dict:
-    print(f"  measuring overhead: {args.overhead_repeats} x (HTTP JSON, HTTP stream, in-process generate_batch), "
-          f"then in-process batch {args.clients} ...", flush=True)
+    print(
+        f"  measuring overhead: {args.overhead_repeats} x (HTTP JSON, HTTP stream, in-process generate_batch), "
+        f"then in-process batch {args.clients} ...",
+        flush=True,
+    )
     loaded = load_checkpoint(model_folder, args.device, args.dtype)
     payload = make_payload(args.prompt_tokens, args.gen_length, args.steps, args.block_length, stream=False)
     prompt = payload["input_ids"]
-    params = SamplingParams(gen_length=args.gen_length, steps=args.steps, block_length=args.block_length,
-                            temperature=0.0)
+    params = SamplingParams(
+        gen_length=args.gen_length, steps=args.steps, block_length=args.block_length, temperature=0.0
+    )
     engine_times, json_times, stream_times, ttfs = [], [], [], []
     with httpx.Client(trust_env=False, timeout=args.max_seconds) as client, torch.inference_mode():
         generate_batch(loaded, [prompt], [params])  # warm-up of this process
@@ -342,8 +400,13 @@ def overhead(args, url: str, model_folder: Path) -> dict:
     gc.collect()
     engine, http_json, http_stream = (statistics.median(x) for x in (engine_times, json_times, stream_times))
     return {
-        "request": {"prompt_tokens": len(prompt), "gen_length": args.gen_length, "steps": args.steps,
-                    "block_length": args.block_length, "temperature": 0.0},
+        "request": {
+            "prompt_tokens": len(prompt),
+            "gen_length": args.gen_length,
+            "steps": args.steps,
+            "block_length": args.block_length,
+            "temperature": 0.0,
+        },
         "engine_s": [round(x, 4) for x in engine_times],
         "http_json_s": [round(x, 4) for x in json_times],
         "http_stream_s": [round(x, 4) for x in stream_times],
@@ -354,8 +417,11 @@ def overhead(args, url: str, model_folder: Path) -> dict:
         "overhead_json": round(http_json / engine - 1, 4),
         "overhead_stream": round(http_stream / engine - 1, 4),
         "answers_equal": answer_engine == answer_json == answer_stream,
-        "engine_batch_n": {"batch": args.clients, "wall_s": round(engine_batch_n, 4),
-                           "gain_vs_batch_1": round(args.clients * engine / engine_batch_n, 3)},
+        "engine_batch_n": {
+            "batch": args.clients,
+            "wall_s": round(engine_batch_n, 4),
+            "gain_vs_batch_1": round(args.clients * engine / engine_batch_n, 3),
+        },
     }
 
 
@@ -373,20 +439,36 @@ def goals(result: dict) -> list[dict]:
         measured = f"{ratio:.2f}x"
         ov = result.get("overhead")
         if ov:
-            measured += (f" (the engine's own in-process gain from batch 1 to batch {ov['engine_batch_n']['batch']} "
-                         f"on this machine: {ov['engine_batch_n']['gain_vs_batch_1']:.2f}x)")
-        out.append({"goal": f"{result['settings']['clients']} concurrent clients >= 3x sequential tokens/s",
-                    "met": ratio >= 3.0, "measured": measured})
+            measured += (
+                f" (the engine's own in-process gain from batch 1 to batch {ov['engine_batch_n']['batch']} "
+                f"on this machine: {ov['engine_batch_n']['gain_vs_batch_1']:.2f}x)"
+            )
+        out.append(
+            {
+                "goal": f"{result['settings']['clients']} concurrent clients >= 3x sequential tokens/s",
+                "met": ratio >= 3.0,
+                "measured": measured,
+            }
+        )
     ov = result.get("overhead")
     if ov:
-        out.append({"goal": "server adds < 10% to the engine's own time at batch 1 (JSON, concurrency 1)",
-                    "met": ov["overhead_json"] < 0.10,
-                    "measured": f"{ov['overhead_json']:+.1%} (streamed: {ov['overhead_stream']:+.1%})"})
+        out.append(
+            {
+                "goal": "server adds < 10% to the engine's own time at batch 1 (JSON, concurrency 1)",
+                "met": ov["overhead_json"] < 0.10,
+                "measured": f"{ov['overhead_json']:+.1%} (streamed: {ov['overhead_stream']:+.1%})",
+            }
+        )
     if conc and conc["engine"]["forward_share_of_loop"] is not None:
         share = conc["engine"]["forward_share_of_loop"]
         clients = result["settings"]["clients"]
-        out.append({"goal": f">= 90% of the step loop's time inside forwards at {clients} clients",
-                    "met": share >= 0.90, "measured": f"{share:.1%}"})
+        out.append(
+            {
+                "goal": f">= 90% of the step loop's time inside forwards at {clients} clients",
+                "met": share >= 0.90,
+                "measured": f"{share:.1%}",
+            }
+        )
     return out
 
 
@@ -407,46 +489,69 @@ def print_report(result: dict) -> None:
     print("  " + ", ".join(f"{k}={v}" for k, v in result["config"].items()))
     s = result["settings"]
     print(f"  server: {' '.join(result['server_command'][1:])}")
-    print(f"  fixed set: {s['requests']} requests, prompt {s['prompt_tokens']} tokens (input_ids), gen_length "
-          f"{s['gen_length']}, steps {s['steps']}, block_length {s['block_length']}, temperature 0, "
-          f"{s['stream_share']:.0%} streamed")
+    print(
+        f"  fixed set: {s['requests']} requests, prompt {s['prompt_tokens']} tokens (input_ids), gen_length "
+        f"{s['gen_length']}, steps {s['steps']}, block_length {s['block_length']}, temperature 0, "
+        f"{s['stream_share']:.0%} streamed"
+    )
     print("\n== load runs")
-    print(f"  {'run':12s} {'conc':>4s} {'ok':>5s} {'wall s':>7s} {'req/s':>7s} {'tok/s':>7s} {'ttfs p50':>8s} "
-          f"{'ttfs p99':>8s} {'lat p50':>8s} {'lat p99':>8s} {'fwd/loop':>8s} {'rows/fwd':>8s} {'ms/fwd':>7s}  errors")
+    print(
+        f"  {'run':12s} {'conc':>4s} {'ok':>5s} {'wall s':>7s} {'req/s':>7s} {'tok/s':>7s} {'ttfs p50':>8s} "
+        f"{'ttfs p99':>8s} {'lat p50':>8s} {'lat p99':>8s} {'fwd/loop':>8s} {'rows/fwd':>8s} {'ms/fwd':>7s}  errors"
+    )
     for name, run in result["runs"].items():
         ld, en = run["load"], run["engine"]
         share = "n/a" if en["forward_share_of_loop"] is None else f"{en['forward_share_of_loop']:.1%}"
         ms = "n/a" if en["mean_forward_s"] is None else f"{en['mean_forward_s'] * 1000:.0f}"
         errors = ", ".join(f"{k}: {v}" for k, v in ld["errors"].items()) or "none"
-        print(f"  {name:12s} {run['concurrency']:4d} {ld['ok']:2d}/{ld['sent']:<2d} {ld['wall_s']:7.2f} "
-              f"{ld['requests_per_s']:7.3f} {ld['tokens_per_s']:7.2f} {_s(ld['ttfs_p50_s']):>8s} "
-              f"{_s(ld['ttfs_p99_s']):>8s} {_s(ld['latency_p50_s']):>8s} {_s(ld['latency_p99_s']):>8s} "
-              f"{share:>8s} {str(en['mean_rows_per_forward']):>8s} {ms:>7s}  {errors}")
-    print("  tok/s = sum of gen_length of successful responses / wall; ttfs = send -> first `event: step` "
-          "(streamed requests only); lat = send -> full response")
-    print("  fwd/loop = delta llada_forward_duration_seconds_sum / delta llada_loop_iteration_seconds_sum, from "
-          "/metrics scraped before and after the run; rows/fwd = delta llada_batch_rows_sum / _count")
-    print("  CPU seconds during each run (2 cores = 2 CPU-s per wall second): "
-          + "; ".join(f"{name} server {run['cpu_s']['server']:.1f}, load generator {run['cpu_s']['load_generator']:.1f}"
-                      f" (wall {run['load']['wall_s']:.1f}, load average {run['load_average'][0][0]} -> "
-                      f"{run['load_average'][1][0]})" for name, run in result["runs"].items()))
+        print(
+            f"  {name:12s} {run['concurrency']:4d} {ld['ok']:2d}/{ld['sent']:<2d} {ld['wall_s']:7.2f} "
+            f"{ld['requests_per_s']:7.3f} {ld['tokens_per_s']:7.2f} {_s(ld['ttfs_p50_s']):>8s} "
+            f"{_s(ld['ttfs_p99_s']):>8s} {_s(ld['latency_p50_s']):>8s} {_s(ld['latency_p99_s']):>8s} "
+            f"{share:>8s} {str(en['mean_rows_per_forward']):>8s} {ms:>7s}  {errors}"
+        )
+    print(
+        "  tok/s = sum of gen_length of successful responses / wall; ttfs = send -> first `event: step` "
+        "(streamed requests only); lat = send -> full response"
+    )
+    print(
+        "  fwd/loop = delta llada_forward_duration_seconds_sum / delta llada_loop_iteration_seconds_sum, from "
+        "/metrics scraped before and after the run; rows/fwd = delta llada_batch_rows_sum / _count"
+    )
+    print(
+        "  CPU seconds during each run (2 cores = 2 CPU-s per wall second): "
+        + "; ".join(
+            f"{name} server {run['cpu_s']['server']:.1f}, load generator {run['cpu_s']['load_generator']:.1f}"
+            f" (wall {run['load']['wall_s']:.1f}, load average {run['load_average'][0][0]} -> "
+            f"{run['load_average'][1][0]})"
+            for name, run in result["runs"].items()
+        )
+    )
     if "mixed" in result["runs"]:
         print(f"  mixed: prompt lengths {result['runs']['mixed']['prompt_lengths']}")
     ov = result.get("overhead")
     if ov:
-        print("\n== overhead at batch 1 (one request, concurrency 1, medians of "
-              f"{len(ov['engine_s'])}; prompt {ov['request']['prompt_tokens']}, "
-              f"gen_length {ov['request']['gen_length']}, steps {ov['request']['steps']})")
+        print(
+            "\n== overhead at batch 1 (one request, concurrency 1, medians of "
+            f"{len(ov['engine_s'])}; prompt {ov['request']['prompt_tokens']}, "
+            f"gen_length {ov['request']['gen_length']}, steps {ov['request']['steps']})"
+        )
         print(f"  engine in-process (generate_batch) {ov['engine_median_s']:.3f} s   {ov['engine_s']}")
-        print(f"  HTTP JSON                          {ov['http_json_median_s']:.3f} s   {ov['http_json_s']}"
-              f"   overhead {ov['overhead_json']:+.1%}")
-        print(f"  HTTP stream                        {ov['http_stream_median_s']:.3f} s   {ov['http_stream_s']}"
-              f"   overhead {ov['overhead_stream']:+.1%}")
+        print(
+            f"  HTTP JSON                          {ov['http_json_median_s']:.3f} s   {ov['http_json_s']}"
+            f"   overhead {ov['overhead_json']:+.1%}"
+        )
+        print(
+            f"  HTTP stream                        {ov['http_stream_median_s']:.3f} s   {ov['http_stream_s']}"
+            f"   overhead {ov['overhead_stream']:+.1%}"
+        )
         print(f"  answers equal (engine, JSON, stream): {ov['answers_equal']}")
         bn = ov["engine_batch_n"]
-        print(f"  engine in-process, {bn['batch']} requests in one generate_batch: {bn['wall_s']:.3f} s -> "
-              f"{bn['gain_vs_batch_1']:.2f}x the tokens/s of batch 1 (the engine's own batching gain here, "
-              f"the ceiling for the concurrent/sequential ratio)")
+        print(
+            f"  engine in-process, {bn['batch']} requests in one generate_batch: {bn['wall_s']:.3f} s -> "
+            f"{bn['gain_vs_batch_1']:.2f}x the tokens/s of batch 1 (the engine's own batching gain here, "
+            f"the ceiling for the concurrent/sequential ratio)"
+        )
     if result.get("goals"):
         print("\n== goals")
         for g in result["goals"]:
@@ -458,9 +563,12 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
-    result = {"command": "python -m loadtests.bench_server " + " ".join(sys.argv[1:] if argv is None else argv),
-              "machine": machine_info(), "load_average_start": load_average(),
-              "cpu_busy_before_start": cpu_busy_share()}
+    result = {
+        "command": "python -m loadtests.bench_server " + " ".join(sys.argv[1:] if argv is None else argv),
+        "machine": machine_info(),
+        "load_average_start": load_average(),
+        "cpu_busy_before_start": cpu_busy_share(),
+    }
     with tempfile.TemporaryDirectory(prefix="llada-bench-server-") as tmp:
         folder = Path(tmp) / "bench-llada"
         print("writing the bench model ...", flush=True)
@@ -469,10 +577,18 @@ def main(argv: list[str] | None = None) -> None:
         server = ServerProcess(args, folder, Path(tmp) / "server.log")
         result["server_command"] = ["python", *server.cmd[1:]]
         result["server_command"][result["server_command"].index("--model") + 1] = "<bench model folder>"
-        result["settings"] = {"requests": args.requests, "clients": args.clients, "prompt_tokens": args.prompt_tokens,
-                              "gen_length": args.gen_length, "steps": args.steps, "block_length": args.block_length,
-                              "stream_share": args.stream_share, "max_batch_rows": args.max_batch_rows,
-                              "mixed_prompts": args.mixed_prompts, "mixed_requests": args.mixed_requests}
+        result["settings"] = {
+            "requests": args.requests,
+            "clients": args.clients,
+            "prompt_tokens": args.prompt_tokens,
+            "gen_length": args.gen_length,
+            "steps": args.steps,
+            "block_length": args.block_length,
+            "stream_share": args.stream_share,
+            "max_batch_rows": args.max_batch_rows,
+            "mixed_prompts": args.mixed_prompts,
+            "mixed_requests": args.mixed_requests,
+        }
         try:
             server.wait_ready()
             url = server.url
@@ -481,11 +597,14 @@ def main(argv: list[str] | None = None) -> None:
             load_run(url, fixed_payloads(args, args.clients, steps=2), args.clients, args.max_seconds)
             fixed = fixed_payloads(args, args.requests)
             runs = {}
-            runs["sequential"] = {"concurrency": 1,
-                                  **measured_run("sequential", url, fixed, 1, args.max_seconds, server.proc.pid)}
-            runs["concurrent"] = {"concurrency": args.clients,
-                                  **measured_run("concurrent", url, fixed, args.clients, args.max_seconds,
-                                                 server.proc.pid)}
+            runs["sequential"] = {
+                "concurrency": 1,
+                **measured_run("sequential", url, fixed, 1, args.max_seconds, server.proc.pid),
+            }
+            runs["concurrent"] = {
+                "concurrency": args.clients,
+                **measured_run("concurrent", url, fixed, args.clients, args.max_seconds, server.proc.pid),
+            }
             if args.mixed_prompts:
                 low, _, high = args.mixed_prompts.partition("-")
                 lo, hi = int(low), int(high or low)
@@ -494,8 +613,10 @@ def main(argv: list[str] | None = None) -> None:
                 if len(set(order)) != len(order):
                     order = list(range(args.mixed_requests))
                 mixed = fixed_payloads(args, args.mixed_requests, prompt_lengths=[lengths[i] for i in order])
-                runs["mixed"] = {"concurrency": args.clients,
-                                 **measured_run("mixed", url, mixed, args.clients, args.max_seconds, server.proc.pid)}
+                runs["mixed"] = {
+                    "concurrency": args.clients,
+                    **measured_run("mixed", url, mixed, args.clients, args.max_seconds, server.proc.pid),
+                }
             result["runs"] = runs
             result["overhead"] = overhead(args, url, folder)
         finally:

@@ -71,8 +71,10 @@ class MixEntry:
     def describe(self) -> str:
         prompt = str(self.prompt_min) if self.prompt_min == self.prompt_max else f"{self.prompt_min}-{self.prompt_max}"
         block = "" if self.block_length is None else f",block={self.block_length}"
-        return (f"prompt={prompt},gen={self.gen_length},steps={self.steps}{block},"
-                f"stream={int(self.stream)},weight={self.weight:g}")
+        return (
+            f"prompt={prompt},gen={self.gen_length},steps={self.steps}{block},"
+            f"stream={int(self.stream)},weight={self.weight:g}"
+        )
 
 
 def parse_mix(spec: str) -> list[MixEntry]:
@@ -95,16 +97,23 @@ def parse_mix(spec: str) -> list[MixEntry]:
             low, _, high = values.get("prompt", "32").partition("-")
             prompt_min, prompt_max = int(low), int(high or low)
             entry = MixEntry(
-                prompt_min=prompt_min, prompt_max=prompt_max,
-                gen_length=int(values.get("gen", "64")), steps=int(values.get("steps", "32")),
+                prompt_min=prompt_min,
+                prompt_max=prompt_max,
+                gen_length=int(values.get("gen", "64")),
+                steps=int(values.get("steps", "32")),
                 block_length=int(values["block"]) if "block" in values else None,
                 stream=values.get("stream", "0").lower() in ("1", "true", "yes", "on"),
                 weight=float(values.get("weight", "1")),
             )
         except ValueError as exc:
             raise ValueError(f"mix entry {part!r}: {exc}") from None
-        if not 1 <= entry.prompt_min <= entry.prompt_max or entry.gen_length < 1 or entry.steps < 1 \
-                or entry.weight <= 0 or (entry.block_length is not None and entry.block_length < 1):
+        if (
+            not 1 <= entry.prompt_min <= entry.prompt_max
+            or entry.gen_length < 1
+            or entry.steps < 1
+            or entry.weight <= 0
+            or (entry.block_length is not None and entry.block_length < 1)
+        ):
             raise ValueError(f"mix entry {part!r}: lengths, steps and weight must be positive")
         entries.append(entry)
     if not entries:
@@ -127,10 +136,17 @@ def prompt_ids(length: int, offset: int) -> list[int]:
     return [32 + (offset + i) % 95 for i in range(length)]
 
 
-def make_payload(prompt_tokens: int, gen_length: int, steps: int, block_length: int | None, stream: bool,
-                 offset: int = 0, **extra) -> dict:
-    payload = {"input_ids": prompt_ids(prompt_tokens, offset), "gen_length": gen_length, "steps": steps,
-               "temperature": 0.0, "stream": stream, **extra}
+def make_payload(
+    prompt_tokens: int, gen_length: int, steps: int, block_length: int | None, stream: bool, offset: int = 0, **extra
+) -> dict:
+    payload = {
+        "input_ids": prompt_ids(prompt_tokens, offset),
+        "gen_length": gen_length,
+        "steps": steps,
+        "temperature": 0.0,
+        "stream": stream,
+        **extra,
+    }
     if block_length is not None:
         payload["block_length"] = block_length
     return payload
@@ -150,8 +166,10 @@ def plan_requests(mix: list[MixEntry], count: int, seed: int = 0) -> list[Planne
 
 def planned(payloads: list[dict]) -> list[PlannedRequest]:
     """Wrap ready-made payloads (as `make_payload` builds them) into a plan."""
-    return [PlannedRequest(i, p, bool(p.get("stream")), int(p["gen_length"]), len(p.get("input_ids") or []))
-            for i, p in enumerate(payloads)]
+    return [
+        PlannedRequest(i, p, bool(p.get("stream")), int(p["gen_length"]), len(p.get("input_ids") or []))
+        for i, p in enumerate(payloads)
+    ]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -221,8 +239,9 @@ class LoadReport:
         return out
 
 
-def summarize(mode: str, url: str, planned_count: int, results: list[RequestResult], wall_s: float,
-              hard_stopped: bool) -> LoadReport:
+def summarize(
+    mode: str, url: str, planned_count: int, results: list[RequestResult], wall_s: float, hard_stopped: bool
+) -> LoadReport:
     ok = [r for r in results if r.ok]
     ttfs = [r.ttfs_s for r in ok if r.stream and r.ttfs_s is not None]
     latency = [r.latency_s for r in ok if r.latency_s is not None]
@@ -231,14 +250,26 @@ def summarize(mode: str, url: str, planned_count: int, results: list[RequestResu
     wall = max(wall_s, 1e-9)
     errors = Counter(r.error for r in results if not r.ok)
     return LoadReport(
-        mode=mode, url=url, planned=planned_count, sent=len(results), ok=len(ok), wall_s=wall_s,
-        requests_per_s=len(ok) / wall, tokens_per_s=tokens / wall, generated_tokens=tokens,
-        ttfs_p50_s=percentile(ttfs, 50), ttfs_p99_s=percentile(ttfs, 99), ttfs_samples=len(ttfs),
-        latency_p50_s=percentile(latency, 50), latency_p99_s=percentile(latency, 99),
+        mode=mode,
+        url=url,
+        planned=planned_count,
+        sent=len(results),
+        ok=len(ok),
+        wall_s=wall_s,
+        requests_per_s=len(ok) / wall,
+        tokens_per_s=tokens / wall,
+        generated_tokens=tokens,
+        ttfs_p50_s=percentile(ttfs, 50),
+        ttfs_p99_s=percentile(ttfs, 99),
+        ttfs_samples=len(ttfs),
+        latency_p50_s=percentile(latency, 50),
+        latency_p99_s=percentile(latency, 99),
         latency_mean_s=sum(latency) / len(latency) if latency else None,
         server_total_p50_s=percentile(server_total, 50),
         client_wait_p99_s=percentile([r.client_wait_s for r in results], 99),
-        errors=dict(sorted(errors.items())), hard_stopped=hard_stopped, results=results,
+        errors=dict(sorted(errors.items())),
+        hard_stopped=hard_stopped,
+        results=results,
     )
 
 
@@ -253,8 +284,10 @@ def check_loopback(url: str) -> str:
         raise ValueError(f"{url!r}: only http:// or https:// URLs")
     host = (parts.hostname or "").lower()
     if host not in LOOPBACK_HOSTS:
-        raise ValueError(f"{url!r}: the load generator only targets this machine "
-                         f"(host must be one of {', '.join(sorted(LOOPBACK_HOSTS))}, got {host or 'none'!r})")
+        raise ValueError(
+            f"{url!r}: the load generator only targets this machine "
+            f"(host must be one of {', '.join(sorted(LOOPBACK_HOSTS))}, got {host or 'none'!r})"
+        )
     path = parts.path.rstrip("/")
     if not path.endswith(GENERATE_PATH):
         path += GENERATE_PATH
@@ -277,8 +310,9 @@ def _error_code(text: str) -> str:
         return "unknown"
 
 
-async def send_one(client: httpx.AsyncClient, url: str, req: PlannedRequest, result: RequestResult,
-                   clock=time.perf_counter) -> None:
+async def send_one(
+    client: httpx.AsyncClient, url: str, req: PlannedRequest, result: RequestResult, clock=time.perf_counter
+) -> None:
     """Send one request and fill `result` (latency, time to first step, status, error)."""
     start = clock()
     try:
@@ -323,7 +357,8 @@ async def send_one(client: httpx.AsyncClient, url: str, req: PlannedRequest, res
 def _client(max_connections: int, timeout_s: float, api_key: str | None) -> httpx.AsyncClient:
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     return httpx.AsyncClient(
-        headers=headers, trust_env=False,  # never route loopback traffic through a proxy
+        headers=headers,
+        trust_env=False,  # never route loopback traffic through a proxy
         timeout=httpx.Timeout(timeout_s, connect=10.0),
         limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections),
     )
@@ -342,9 +377,19 @@ async def _stop_at(tasks: list[asyncio.Task], deadline: float) -> bool:
     return bool(pending)
 
 
-async def run_load(url: str, plan: list[PlannedRequest], *, max_requests: int, max_seconds: float,
-                   concurrency: int | None = None, rate: float | None = None, max_in_flight: int = 16,
-                   seed: int = 0, timeout_s: float | None = None, api_key: str | None = None) -> LoadReport:
+async def run_load(
+    url: str,
+    plan: list[PlannedRequest],
+    *,
+    max_requests: int,
+    max_seconds: float,
+    concurrency: int | None = None,
+    rate: float | None = None,
+    max_in_flight: int = 16,
+    seed: int = 0,
+    timeout_s: float | None = None,
+    api_key: str | None = None,
+) -> LoadReport:
     """Send (at most `max_requests` of) `plan` to a loopback server and summarize.
 
     Exactly one of `concurrency` (closed loop) and `rate` (Poisson arrivals per second, at most
@@ -457,8 +502,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-in-flight", type=int, default=16, help="Poisson mode: most outstanding requests (default 16)")
     p.add_argument("--requests", type=int, required=True, help="number of requests to send (hard bound)")
     p.add_argument("--max-seconds", type=float, required=True, help="wall-clock bound; the run stops hard at it")
-    p.add_argument("--mix", default="prompt=48,gen=32,steps=16,block=32,stream=1",
-                   help="request mix, see above (default: %(default)s)")
+    p.add_argument(
+        "--mix",
+        default="prompt=48,gen=32,steps=16,block=32,stream=1",
+        help="request mix, see above (default: %(default)s)",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed for the plan and the Poisson arrivals")
     p.add_argument("--timeout", type=float, default=None, help="per-request timeout in s (default: --max-seconds)")
     p.add_argument("--api-key", default=None, help="Bearer key, when the server requires one")
@@ -477,10 +525,20 @@ def main(argv: list[str] | None = None) -> int:
     plan = plan_requests(mix, args.requests, args.seed)
     print("mix: " + "; ".join(e.describe() for e in mix), flush=True)
     try:
-        report = asyncio.run(run_load(
-            args.url, plan, max_requests=args.requests, max_seconds=args.max_seconds,
-            concurrency=args.concurrency, rate=args.rate, max_in_flight=args.max_in_flight, seed=args.seed,
-            timeout_s=args.timeout, api_key=args.api_key))
+        report = asyncio.run(
+            run_load(
+                args.url,
+                plan,
+                max_requests=args.requests,
+                max_seconds=args.max_seconds,
+                concurrency=args.concurrency,
+                rate=args.rate,
+                max_in_flight=args.max_in_flight,
+                seed=args.seed,
+                timeout_s=args.timeout,
+                api_key=args.api_key,
+            )
+        )
     except ValueError as exc:
         print(f"loadgen: {exc}", file=sys.stderr)
         return 2

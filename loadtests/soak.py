@@ -56,8 +56,15 @@ def rss_bytes(pid: int) -> int:
 
 def generation_body(rng: random.Random) -> dict:
     gen = rng.choice([8, 16, 32])
-    return {"prompt": "soak " * rng.randint(1, 40), "gen_length": gen, "steps": gen, "block_length": min(gen, 8),
-            "temperature": rng.choice([0.0, 0.7]), "seed": rng.randint(0, 1000), "cfg_scale": rng.choice([0.0, 0.5])}
+    return {
+        "prompt": "soak " * rng.randint(1, 40),
+        "gen_length": gen,
+        "steps": gen,
+        "block_length": min(gen, 8),
+        "temperature": rng.choice([0.0, 0.7]),
+        "seed": rng.randint(0, 1000),
+        "cfg_scale": rng.choice([0.0, 0.5]),
+    }
 
 
 async def one_request(client: httpx.AsyncClient, kind: str, rng: random.Random, tally: Counter) -> float:
@@ -66,9 +73,17 @@ async def one_request(client: httpx.AsyncClient, kind: str, rng: random.Random, 
     try:
         if kind in ("generate", "bad", "score"):
             if kind == "score":
-                url, body = "/v1/loglikelihood", {"requests": [{"context": "soak " * rng.randint(1, 20),
-                                                               "continuation": " test" * rng.randint(1, 3)}],
-                                                 "mc_num": 8, "batch_size": 4, "greedy": rng.random() < 0.5}
+                url, body = (
+                    "/v1/loglikelihood",
+                    {
+                        "requests": [
+                            {"context": "soak " * rng.randint(1, 20), "continuation": " test" * rng.randint(1, 3)}
+                        ],
+                        "mc_num": 8,
+                        "batch_size": 4,
+                        "greedy": rng.random() < 0.5,
+                    },
+                )
             else:
                 url = "/v1/generate"
                 body = rng.choice(BAD_BODIES) if kind == "bad" else generation_body(rng)
@@ -122,8 +137,11 @@ async def sample_memory(pid: int, deadline: float, samples: list[tuple[float, in
 
 def gauges(url: str) -> dict[str, float]:
     text = httpx.get(url + "/metrics").text
-    return {line.split()[0]: float(line.split()[1]) for line in text.splitlines()
-            if line.startswith(("llada_queue_depth", "llada_running_jobs"))}
+    return {
+        line.split()[0]: float(line.split()[1])
+        for line in text.splitlines()
+        if line.startswith(("llada_queue_depth", "llada_running_jobs"))
+    }
 
 
 async def run(args: argparse.Namespace, url: str, pid: int) -> dict:
@@ -139,13 +157,16 @@ async def run(args: argparse.Namespace, url: str, pid: int) -> dict:
         await asyncio.sleep(0.2)
     third = max(1, len(samples) // 3)
     return {
-        "seconds": args.seconds, "concurrency": args.concurrency, "max_queue": args.max_queue,
+        "seconds": args.seconds,
+        "concurrency": args.concurrency,
+        "max_queue": args.max_queue,
         "sent": sum(v for k, v in tally.items() if k.startswith("sent:")),
         "lost": tally["lost"],
         "server_errors_5xx": sum(v for k, v in tally.items() if k.startswith("status:5")),
         "tally": dict(sorted(tally.items())),
         "gauges_after": gauges(url),
-        "rss_mb_start": samples[0][1] / 2**20, "rss_mb_end": samples[-1][1] / 2**20,
+        "rss_mb_start": samples[0][1] / 2**20,
+        "rss_mb_end": samples[-1][1] / 2**20,
         "rss_mb_first_third_mean": sum(s[1] for s in samples[:third]) / third / 2**20,
         "rss_mb_last_third_mean": sum(s[1] for s in samples[-third:]) / third / 2**20,
         "rss_samples": [(round(t, 1), round(b / 2**20, 1)) for t, b in samples],
@@ -164,9 +185,23 @@ def main() -> int:
     url = f"http://127.0.0.1:{port}"
     log = tempfile.NamedTemporaryFile("w", suffix=".log", delete=False)
     server = subprocess.Popen(
-        [sys.executable, "-m", "server", "--port", str(port), "--max-queue", str(args.max_queue),
-         "--max-batch-rows", str(args.max_batch_rows), "--log-level", "warning"],
-        stdout=log, stderr=subprocess.STDOUT, env=os.environ.copy())
+        [
+            sys.executable,
+            "-m",
+            "server",
+            "--port",
+            str(port),
+            "--max-queue",
+            str(args.max_queue),
+            "--max-batch-rows",
+            str(args.max_batch_rows),
+            "--log-level",
+            "warning",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=os.environ.copy(),
+    )
     try:
         for _ in range(600):
             try:
