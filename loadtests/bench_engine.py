@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -35,6 +34,7 @@ from pathlib import Path
 
 import torch
 
+from loadtests.common import REPO_ROOT, add_model_args, bench_config, finish, machine_info
 from server.engine.demo import build_demo, demo_config
 from server.engine.denoiser import generate_batch
 from server.engine.devices import resolve_device, resolve_dtype
@@ -42,7 +42,6 @@ from server.engine.padding import pad_rows
 from server.engine.sampling_params import SamplingParams
 from tests.reference.sampler import reference_generate
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 FAR_BELOW = 0.25  # "far below the reference's peak memory": at most a quarter of it
 
 # Prompt contents of varied length; the chat template adds about 23 tokens around each (the demo
@@ -68,18 +67,7 @@ PROMPT_TEXTS = [
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default cpu)")
-    p.add_argument(
-        "--dtype", default="auto", help="auto (float32 on CPU, bfloat16 on CUDA), bfloat16, float16, float32"
-    )
-    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
-    # bench configuration
-    p.add_argument("--d-model", type=int, default=512)
-    p.add_argument("--n-layers", type=int, default=6)
-    p.add_argument("--n-heads", type=int, default=8)
-    p.add_argument("--n-kv-heads", type=int, default=8)
-    p.add_argument("--mlp-hidden-size", type=int, default=1408)
-    p.add_argument("--model-seed", type=int, default=0)
+    add_model_args(p)
     # throughput runs
     p.add_argument("--requests", type=int, default=8, help="number of requests (batch size of the batched run)")
     p.add_argument("--gen-length", type=int, default=64)
@@ -112,16 +100,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def bench_config(args: argparse.Namespace):
-    return demo_config(
-        d_model=args.d_model,
-        n_layers=args.n_layers,
-        n_heads=args.n_heads,
-        n_kv_heads=args.n_kv_heads,
-        mlp_hidden_size=args.mlp_hidden_size,
-    )
-
-
 def build(args: argparse.Namespace):
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -138,49 +116,6 @@ def prompts_for(loaded, n: int) -> list[list[int]]:
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def machine_info(device: torch.device) -> dict:
-    cpu = platform.processor() or "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    mem_gib = None
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal"):
-                mem_gib = round(int(line.split()[1]) / 2**20, 1)
-    except OSError:
-        pass
-    info = {
-        "cpu": cpu,
-        "cpu_cores": os.cpu_count(),
-        "cpu_affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-        "torch_threads": torch.get_num_threads(),
-        "memory_gib": mem_gib,
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "device": str(device),
-    }
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
-        info["cuda"] = torch.version.cuda
-    info["git_commit"] = _git("rev-parse", "--short", "HEAD")
-    dirty = _git("status", "--porcelain", "--", "server")
-    info["server_code_modified"] = None if dirty is None else bool(dirty)
-    return info
-
-
-def _git(*argv: str) -> str | None:
-    try:
-        proc = subprocess.run(["git", *argv], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return proc.stdout.strip() if proc.returncode == 0 else None
 
 
 def flops_share(config) -> dict:
@@ -791,12 +726,7 @@ def main(argv: list[str] | None = None) -> None:
     if not args.skip_memory:
         result["memory"] = memory(args, loaded)
     result["goals"] = goals(result)
-    result["total_wall_s"] = round(time.perf_counter() - t0, 1)
-    print_report(result)
-    print(f"\ntotal wall time {result['total_wall_s']:.1f} s")
-    if args.json_path:
-        Path(args.json_path).write_text(json.dumps(result, indent=2))
-        print(f"figures written to {args.json_path}")
+    finish(result, t0, args.json_path, print_report)
 
 
 if __name__ == "__main__":

@@ -41,7 +41,6 @@ import asyncio
 import gc
 import json
 import os
-import platform
 import socket
 import statistics
 import subprocess
@@ -55,14 +54,12 @@ import torch
 from httpx_sse import connect_sse
 from prometheus_client.parser import text_string_to_metric_families
 
+from loadtests.common import REPO_ROOT, add_model_args, bench_config, finish, machine_info
 from loadtests.loadgen import LoadReport, format_report, make_payload, planned, run_load
-from server.engine.demo import build_demo, demo_config, save_checkpoint
+from server.engine.demo import build_demo, save_checkpoint
 from server.engine.denoiser import generate_batch
 from server.engine.loader import load_checkpoint
 from server.engine.sampling_params import SamplingParams
-
-REPO_ROOT = Path(__file__).resolve().parent.parent
-
 
 # ---------------------------------------------------------------------------------------------
 # setup
@@ -70,23 +67,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default="cpu", help="server and in-process device (default cpu)")
-    p.add_argument(
-        "--dtype", default="auto", help="auto (float32 on CPU, bfloat16 on CUDA), bfloat16, float16, float32"
-    )
-    p.add_argument(
-        "--threads",
-        type=int,
-        default=None,
-        help="torch threads for the server and the in-process engine (default: torch's choice)",
-    )
-    # bench configuration (as loadtests/bench_engine.py)
-    p.add_argument("--d-model", type=int, default=512)
-    p.add_argument("--n-layers", type=int, default=6)
-    p.add_argument("--n-heads", type=int, default=8)
-    p.add_argument("--n-kv-heads", type=int, default=8)
-    p.add_argument("--mlp-hidden-size", type=int, default=1408)
-    p.add_argument("--model-seed", type=int, default=0)
+    add_model_args(p)
     p.add_argument("--max-batch-rows", type=int, default=16)
     # request set
     p.add_argument("--requests", type=int, default=16, help="requests in the fixed set (default 16)")
@@ -102,35 +83,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-seconds", type=float, default=300.0, help="hard bound of each load run")
     p.add_argument("--json", dest="json_path", default=None, help="write the figures to this file")
     return p.parse_args(argv)
-
-
-def bench_config(args: argparse.Namespace):
-    return demo_config(
-        d_model=args.d_model,
-        n_layers=args.n_layers,
-        n_heads=args.n_heads,
-        n_kv_heads=args.n_kv_heads,
-        mlp_hidden_size=args.mlp_hidden_size,
-    )
-
-
-def machine_info() -> dict:
-    cpu = platform.processor() or "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {
-        "cpu": cpu,
-        "cpu_cores": os.cpu_count(),
-        "cpu_affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-        "torch_threads": torch.get_num_threads(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-    }
 
 
 def load_average() -> list[float] | None:
@@ -565,7 +517,7 @@ def main(argv: list[str] | None = None) -> None:
     t0 = time.perf_counter()
     result = {
         "command": "python -m loadtests.bench_server " + " ".join(sys.argv[1:] if argv is None else argv),
-        "machine": machine_info(),
+        "machine": machine_info(torch.device(args.device)),
         "load_average_start": load_average(),
         "cpu_busy_before_start": cpu_busy_share(),
     }
@@ -626,12 +578,7 @@ def main(argv: list[str] | None = None) -> None:
             print(f"server exited with {server.proc.returncode}; log tail:\n{log_tail}")
     result["load_average_end"] = load_average()
     result["goals"] = goals(result)
-    result["total_wall_s"] = round(time.perf_counter() - t0, 1)
-    print_report(result)
-    print(f"\ntotal wall time {result['total_wall_s']:.1f} s")
-    if args.json_path:
-        Path(args.json_path).write_text(json.dumps(result, indent=2))
-        print(f"figures written to {args.json_path}")
+    finish(result, t0, args.json_path, print_report)
 
 
 if __name__ == "__main__":
