@@ -40,7 +40,7 @@ from server.engine.denoiser import generate_batch
 from server.engine.devices import resolve_device, resolve_dtype
 from server.engine.padding import pad_rows
 from server.engine.sampling_params import SamplingParams
-from tests.reference.sampler import reference_generate
+from tests.reference.sampler import reference_generate_for
 
 FAR_BELOW = 0.25  # "far below the reference's peak memory": at most a quarter of it
 
@@ -189,34 +189,12 @@ class PartTimer:
 
 
 def run_reference(loaded, prompts, params: SamplingParams) -> list[list[int]]:
-    special = loaded.special
     device = loaded.device
 
     def logits_fn(ids: torch.Tensor) -> torch.Tensor:
         return loaded.model.full_logits(ids.to(device))
 
-    answers = []
-    for prompt in prompts:
-        answers.append(
-            reference_generate(
-                logits_fn,
-                prompt,
-                gen_length=params.gen_length,
-                steps=params.steps,
-                block_length=params.block_length,
-                temperature=params.temperature,
-                cfg_scale=params.cfg_scale,
-                remasking=params.remasking,
-                logits_eos_inf=params.logits_eos_inf,
-                confidence_eos_eot_inf=params.confidence_eos_eot_inf,
-                constraints=dict(params.constraints),
-                seed=params.seed or 0,
-                mask_id=special.mask,
-                eos_id=special.eos,
-                eot_id=special.eot,
-            )
-        )
-    return answers
+    return [reference_generate_for(logits_fn, prompt, params, loaded.special) for prompt in prompts]
 
 
 def run_engine(loaded, prompts, params: SamplingParams, batch: int) -> list[list[int]]:

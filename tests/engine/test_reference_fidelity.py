@@ -23,7 +23,7 @@ from server.engine.likelihood import ScoreParams, score_pairs
 from server.engine.sampling_params import SamplingParams
 from tests.reference.likelihood import reference_is_greedy, reference_loglikelihood
 from tests.reference.model import reference_logits
-from tests.reference.sampler import reference_generate
+from tests.reference.sampler import reference_generate_for
 
 # Byte-level demo tokenizer: ids 0-255 are bytes.
 PROMPT_A = list(b"Hello there")  # 11 tokens
@@ -54,23 +54,7 @@ class Ref:
         return list(self._answers[key])
 
     def _generate(self, prompt: list[int], params: SamplingParams) -> list[int]:
-        return reference_generate(
-            self.logits,
-            prompt,
-            gen_length=params.gen_length,
-            steps=params.steps,
-            block_length=params.block_length,
-            temperature=params.temperature,
-            cfg_scale=params.cfg_scale,
-            remasking=params.remasking,
-            logits_eos_inf=params.logits_eos_inf,
-            confidence_eos_eot_inf=params.confidence_eos_eot_inf,
-            constraints=dict(params.constraints),
-            seed=params.seed,
-            mask_id=self.mask,
-            eos_id=self.eos,
-            eot_id=self.eot,
-        )
+        return reference_generate_for(self.logits, prompt, params, self.loaded.special)
 
     def engine(self, prompt: list[int], params: SamplingParams) -> list[int]:
         return generate_batch(self.loaded, [prompt], [params])[0]

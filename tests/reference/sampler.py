@@ -125,3 +125,25 @@ def reference_generate(
                 x[0, cand[idx]] = int(x0[idx])
 
     return x[0, prompt_len:].tolist()
+
+
+def reference_generate_for(logits_fn, prompt_ids: list[int], params, special) -> list[int]:
+    """reference_generate with the settings of an engine SamplingParams and a model's SpecialIds
+    (the adapter the fidelity tests and the engine benchmark share)."""
+    return reference_generate(
+        logits_fn,
+        prompt_ids,
+        gen_length=params.gen_length,
+        steps=params.steps,
+        block_length=params.block_length,
+        temperature=params.temperature,
+        cfg_scale=params.cfg_scale,
+        remasking=params.remasking,
+        logits_eos_inf=params.logits_eos_inf,
+        confidence_eos_eot_inf=params.confidence_eos_eot_inf,
+        constraints=dict(params.constraints),
+        seed=params.seed or 0,
+        mask_id=special.mask,
+        eos_id=special.eos,
+        eot_id=special.eot,
+    )
