@@ -15,7 +15,7 @@ import torch
 
 from server.engine import sampling
 from server.engine.loader import LoadedModel
-from server.engine.padding import pad_rows, unconditional
+from server.engine.padding import length_groups, pad_rows, unconditional
 from server.engine.sampling_params import SamplingParams
 
 
@@ -70,11 +70,21 @@ HEAD_ROWS = 512
 SAMPLE_ROWS = 64
 
 
+# Rows whose padding to a common length would waste more than this share of the positions run
+# as separate forwards within the step (the LM head is still shared).
+MAX_PADDING_WASTE = 0.25
+
+
 @dataclass(frozen=True)
 class HeadPlan:
     job: DenoiseJob
     candidates: torch.Tensor  # absolute positions that can be revealed this step
-    index: torch.Tensor  # their rows in the flattened hidden states (unconditional copy after)
+    first_row: int  # the job's row among the step's rows (its unconditional row follows)
+
+    @property
+    def size(self) -> int:
+        """Rows this job puts through the LM head."""
+        return len(self.candidates) * self.job.rows
 
 
 def head_groups(plans: list[HeadPlan], limit: int) -> list[list[HeadPlan]]:
@@ -82,11 +92,11 @@ def head_groups(plans: list[HeadPlan], limit: int) -> list[list[HeadPlan]]:
     groups: list[list[HeadPlan]] = []
     size = limit
     for plan in plans:
-        if size + len(plan.index) > limit:
+        if size + plan.size > limit:
             groups.append([])
             size = 0
         groups[-1].append(plan)
-        size += len(plan.index)
+        size += plan.size
     return groups
 
 
@@ -129,33 +139,32 @@ class Denoiser:
                 return
         job.finished = True
 
-    def _rows(self, jobs: list[DenoiseJob]) -> tuple[torch.Tensor, torch.Tensor]:
-        rows = []
-        for job in jobs:
-            rows.append(job.canvas)
-            if job.params.cfg_scale > 0:
-                rows.append(unconditional(job.canvas, job.prompt_len, self.mask_id))
-        return pad_rows(rows, self.eos_id, self.model.device)
-
     @torch.inference_mode()
     def step(self, jobs: list[DenoiseJob]) -> list[StepEvent]:
-        """One forward over all jobs' rows, the LM head on their candidate positions only (a few
-        jobs per call), then each job reveals its scheduled tokens."""
-        ids, key_mask = self._rows(jobs)
-        length = ids.shape[1]
-        hidden = self.model(ids, key_mask).flatten(0, 1)
-        plans, row = [], 0
+        """The forward over all jobs' rows (in length groups, see padding.length_groups), the LM
+        head on their candidate positions only (several jobs per call), then each job reveals its
+        scheduled tokens."""
+        rows, row_candidates, plans = [], [], []
         for job in jobs:
             start, end = job.blocks[job.block]
             candidates = (job.canvas[start:end] == self.mask_id).nonzero().squeeze(-1) + start
-            # Flat indices of the candidates in the job's row, then in its unconditional row.
-            index = torch.cat([(row + r) * length + candidates for r in range(job.rows)])
-            plans.append(HeadPlan(job, candidates, index))
-            row += job.rows
+            rows.append(job.canvas)
+            if job.params.cfg_scale > 0:
+                rows.append(unconditional(job.canvas, job.prompt_len, self.mask_id))
+            row_candidates += [candidates] * job.rows
+            plans.append(HeadPlan(job, candidates, len(rows) - job.rows))
+        selected: list[torch.Tensor] = [None] * len(rows)
+        for group in length_groups([len(row) for row in rows], MAX_PADDING_WASTE):
+            ids, key_mask = pad_rows([rows[i] for i in group], self.eos_id, self.model.device)
+            hidden = self.model(ids, key_mask)
+            for k, i in enumerate(group):
+                selected[i] = hidden[k, row_candidates[i]]
         events = []
         for group in head_groups(plans, HEAD_ROWS):
-            logits = self.model.logits(hidden[torch.cat([plan.index for plan in group])])
-            for plan, part in zip(group, logits.split([len(plan.index) for plan in group])):
+            # A job's candidates, then the same positions of its unconditional row.
+            inputs = [selected[plan.first_row + r] for plan in group for r in range(plan.job.rows)]
+            logits = self.model.logits(torch.cat(inputs))
+            for plan, part in zip(group, logits.split([plan.size for plan in group])):
                 events.append(self._reveal(plan.job, plan.candidates, part))
         return events
 

@@ -17,6 +17,24 @@ def pad_rows(rows: list[torch.Tensor], pad_id: int, device: torch.device) -> tup
     return ids, key_mask
 
 
+def length_groups(lengths: list[int], max_waste: float) -> list[list[int]]:
+    """Row indices in groups (shortest first) such that padding each group to its longest row
+    wastes at most max_waste of the group's positions. Each group is one forward: rows of very
+    different lengths do not pay for each other's padding."""
+    groups: list[list[int]] = []
+    real = 0
+    for i in sorted(range(len(lengths)), key=lengths.__getitem__):
+        if groups:
+            candidate = real + lengths[i]
+            if 1 - candidate / ((len(groups[-1]) + 1) * lengths[i]) <= max_waste:
+                groups[-1].append(i)
+                real = candidate
+                continue
+        groups.append([i])
+        real = lengths[i]
+    return groups
+
+
 def unconditional(row: torch.Tensor, prompt_len: int, mask_id: int) -> torch.Tensor:
     """The classifier-free-guidance copy: every prompt position masked."""
     copy = row.clone()

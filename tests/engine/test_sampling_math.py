@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -13,6 +14,7 @@ from server.engine import sampling
 from server.engine.demo import build_demo, demo_config
 from server.engine.denoiser import Denoiser, HeadPlan, generate_batch, head_groups
 from server.engine.likelihood import ScoreParams, Scorer, ScoringJob, score_pairs
+from server.engine.padding import length_groups
 from server.engine.sampling_params import SamplingParams
 
 TINY = {"d_model": 32, "n_layers": 1, "n_heads": 2, "n_kv_heads": 1, "mlp_hidden_size": 64}
@@ -328,6 +330,26 @@ def test_greedy_check(demo, prompt):
 
 
 def test_head_groups_bound_the_rows_of_one_lm_head_call():
-    plans = [HeadPlan(job=None, candidates=torch.arange(n), index=torch.arange(n)) for n in (300, 200, 100, 600, 5)]
+    one_row = SimpleNamespace(rows=1)
+    plans = [HeadPlan(job=one_row, candidates=torch.arange(n), first_row=0) for n in (300, 200, 100, 600, 5)]
     groups = head_groups(plans, 512)
-    assert [[len(p.index) for p in g] for g in groups] == [[300, 200], [100], [600], [5]]
+    assert [[p.size for p in g] for g in groups] == [[300, 200], [100], [600], [5]]
+    cfg_job = SimpleNamespace(rows=2)  # a CFG job puts its candidates through twice
+    assert HeadPlan(job=cfg_job, candidates=torch.arange(7), first_row=0).size == 14
+
+
+@pytest.mark.parametrize(
+    "lengths, max_waste, expected",
+    [
+        ([10, 10, 10], 0.0, [[0, 1, 2]]),  # equal lengths: one forward
+        ([10, 40, 11], 0.25, [[0, 2], [1]]),  # 10 and 11 share; 40 would waste far more than 25 %
+        ([100, 90, 80, 10], 0.25, [[3], [2, 1, 0]]),
+        ([5, 50], 1.0, [[0, 1]]),  # no bound: everything in one forward
+    ],
+)
+def test_length_groups_bound_padding_waste(lengths, max_waste, expected):
+    groups = length_groups(lengths, max_waste)
+    assert groups == expected
+    for group in groups:
+        longest = max(lengths[i] for i in group)
+        assert 1 - sum(lengths[i] for i in group) / (len(group) * longest) <= max_waste
