@@ -15,7 +15,7 @@ import torch
 
 from server.engine import sampling
 from server.engine.loader import LoadedModel
-from server.engine.padding import length_groups, pad_rows, unconditional
+from server.engine.padding import MAX_PADDING_WASTE, hidden_at, unconditional
 from server.engine.sampling_params import SamplingParams
 
 
@@ -68,11 +68,6 @@ class DenoiseJob:
 HEAD_ROWS = 512
 # Candidate rows sampled at a time: bounds the [rows, vocab] float64 buffers of a long block.
 SAMPLE_ROWS = 64
-
-
-# Rows whose padding to a common length would waste more than this share of the positions run
-# as separate forwards within the step (the LM head is still shared).
-MAX_PADDING_WASTE = 0.25
 
 
 @dataclass(frozen=True)
@@ -141,7 +136,7 @@ class Denoiser:
 
     @torch.inference_mode()
     def step(self, jobs: list[DenoiseJob]) -> list[StepEvent]:
-        """The forward over all jobs' rows (in length groups, see padding.length_groups), the LM
+        """The forward over all jobs' rows (in length groups, see padding.hidden_at), the LM
         head on their candidate positions only (several jobs per call), then each job reveals its
         scheduled tokens."""
         rows, row_candidates, plans = [], [], []
@@ -153,12 +148,7 @@ class Denoiser:
                 rows.append(unconditional(job.canvas, job.prompt_len, self.mask_id))
             row_candidates += [candidates] * job.rows
             plans.append(HeadPlan(job, candidates, len(rows) - job.rows))
-        selected: list[torch.Tensor] = [None] * len(rows)
-        for group in length_groups([len(row) for row in rows], MAX_PADDING_WASTE):
-            ids, key_mask = pad_rows([rows[i] for i in group], self.eos_id, self.model.device)
-            hidden = self.model(ids, key_mask)
-            for k, i in enumerate(group):
-                selected[i] = hidden[k, row_candidates[i]]
+        selected = hidden_at(self.model, rows, row_candidates, self.eos_id, MAX_PADDING_WASTE)
         events = []
         for group in head_groups(plans, HEAD_ROWS):
             # A job's candidates, then the same positions of its unconditional row.

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from server.engine.loader import LoadedModel
-from server.engine.padding import pad_rows, unconditional
+from server.engine.padding import MAX_PADDING_WASTE, hidden_at, unconditional
 from server.engine.sampling import cfg_combine, select_top, spread
 
 
@@ -140,49 +140,46 @@ class Scorer:
     def step(self, work: list[tuple[ScoringJob, int]]) -> int:
         """One forward over the given units of each job; returns the rows run."""
         plan = [(job, *job.take(units)) for job, units in work]
-        rows, spans = [], []
+        rows, positions = [], []
         for job, greedy, mc in plan:
             for item in [*greedy, *mc]:
                 seq = item.canvas if isinstance(item, GreedyState) else item.ids
-                prompt_len = len(job.pairs[item.pair][0])
-                spans.append(len(rows))
+                where = (seq == self.mask_id).nonzero().squeeze(-1) if isinstance(item, GreedyState) else item.positions
                 rows.append(seq)
+                positions.append(where.to(self.model.device))
                 if job.params.cfg_scale > 0:
-                    rows.append(unconditional(seq, prompt_len, self.mask_id))
-        device = self.model.device
+                    rows.append(unconditional(seq, len(job.pairs[item.pair][0]), self.mask_id))
+                    positions.append(positions[-1])
         try:
-            ids, key_mask = pad_rows(rows, self.pad_id, device)
-            hidden = self.model(ids, key_mask)
+            selected = iter(hidden_at(self.model, rows, positions, self.pad_id, MAX_PADDING_WASTE))
         except BaseException:
             for job, _, mc in plan:
                 job.give_back(mc)
             raise
-        row_iter = iter(spans)
         for job, greedy, mc in plan:
             for state in greedy:
-                self._greedy_update(job, state, hidden, next(row_iter))
+                self._greedy_update(job, state, self._logits(job, selected))
             for mc_row in mc:
-                self._mc_update(job, mc_row, hidden, next(row_iter))
+                self._mc_update(job, mc_row, self._logits(job, selected))
             job.greedy = [s for s in job.greedy if job.results[s.pair].is_greedy and (s.canvas == self.mask_id).any()]
             job.rows_done += len(greedy) + len(mc)
         return len(rows)
 
-    def _logits(self, job: ScoringJob, hidden: torch.Tensor, row: int, positions: torch.Tensor) -> torch.Tensor:
-        logits = self.model.logits(hidden[row, positions.to(hidden.device)])
+    def _logits(self, job: ScoringJob, selected: Iterator[torch.Tensor]) -> torch.Tensor:
+        """The next row's logits at its positions, guided by its unconditional row under CFG."""
         if job.params.cfg_scale > 0:
-            uncond = self.model.logits(hidden[row + 1, positions.to(hidden.device)])
-            logits = cfg_combine(logits, uncond, job.params.cfg_scale)
-        return logits
+            return cfg_combine(
+                self.model.logits(next(selected)), self.model.logits(next(selected)), job.params.cfg_scale
+            )
+        return self.model.logits(next(selected))
 
-    def _mc_update(self, job: ScoringJob, mc_row: McRow, hidden: torch.Tensor, row: int) -> None:
-        logits = self._logits(job, hidden, row, mc_row.positions)
+    def _mc_update(self, job: ScoringJob, mc_row: McRow, logits: torch.Tensor) -> None:
         loss = F.cross_entropy(logits, mc_row.targets.to(logits.device), reduction="sum").item()
         job.results[mc_row.pair].loglikelihood -= loss * mc_row.weight
 
-    def _greedy_update(self, job: ScoringJob, state: GreedyState, hidden: torch.Tensor, row: int) -> None:
+    def _greedy_update(self, job: ScoringJob, state: GreedyState, logits: torch.Tensor) -> None:
         """Reveal the single most confident masked position; a wrong token settles it as False."""
         positions = (state.canvas == self.mask_id).nonzero().squeeze(-1)
-        logits = self._logits(job, hidden, row, positions)
         tokens = logits.argmax(-1)
         confidence = torch.softmax(logits, -1).gather(-1, tokens[:, None]).squeeze(-1)
         best = int(select_top(confidence, 1)[0])

@@ -1,8 +1,20 @@
-"""Right-padding of rows of different lengths into one forward batch."""
+"""Rows of different lengths in forward batches: right-padding, grouping by length, and the
+classifier-free-guidance copy.
+
+MAX_PADDING_WASTE: rows whose padding to a common length would waste more than this share of
+the positions run as separate forwards (each still batched; the LM head after them is shared).
+"""
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
+
+if TYPE_CHECKING:
+    from server.engine.model import LLaDAModel
+
+MAX_PADDING_WASTE = 0.25
 
 
 def pad_rows(rows: list[torch.Tensor], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -33,6 +45,20 @@ def length_groups(lengths: list[int], max_waste: float) -> list[list[int]]:
         groups.append([i])
         real = lengths[i]
     return groups
+
+
+def hidden_at(
+    model: LLaDAModel, rows: list[torch.Tensor], positions: list[torch.Tensor], pad_id: int, max_waste: float
+) -> list[torch.Tensor]:
+    """Each row's final hidden states at its positions. The rows run in length groups, one forward
+    per group, so that only the positions the LM head needs outlive the forward."""
+    selected: list[torch.Tensor] = [torch.empty(0)] * len(rows)
+    for group in length_groups([len(row) for row in rows], max_waste):
+        ids, key_mask = pad_rows([rows[i] for i in group], pad_id, model.device)
+        hidden = model(ids, key_mask)
+        for k, i in enumerate(group):
+            selected[i] = hidden[k, positions[i]]
+    return selected
 
 
 def unconditional(row: torch.Tensor, prompt_len: int, mask_id: int) -> torch.Tensor:
