@@ -23,7 +23,11 @@ class ServerConfig:
     port: int = setting(8000, "port to listen on")
     max_batch_rows: int = setting(16, "rows per forward pass (a CFG request counts two)")
     max_queue: int = setting(64, "requests waiting beyond the running batch; past it, 429")
-    max_padding_waste: float = setting(0.5, "share of padded positions allowed when mixing lengths in one forward")
+    max_padding_waste: float = setting(
+        1.0,
+        "scheduler: share of padded positions allowed among the jobs that step together; below 1, jobs of "
+        "distant lengths take turns (the engine already splits a step's rows into forwards wasting <= 25%)",
+    )
     max_prompt_tokens: int = setting(4096, "longest prompt, in tokens")
     max_gen_length: int = setting(1024, "largest gen_length")
     max_steps: int = setting(1024, "largest steps")
