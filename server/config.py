@@ -26,7 +26,7 @@ class ServerConfig:
     max_padding_waste: float = setting(
         1.0,
         "scheduler: share of padded positions allowed among the jobs that step together; below 1, jobs of "
-        "distant lengths take turns (the engine already splits a step's rows into forwards wasting <= 25%)",
+        "distant lengths take turns (the engine already splits a step's rows into forwards wasting at most a quarter)",
     )
     max_prompt_tokens: int = setting(4096, "longest prompt, in tokens")
     max_gen_length: int = setting(1024, "largest gen_length")
