@@ -77,12 +77,13 @@ class Gate:
             log.log(level, "request finished", extra={"fields": fields})
 
     async def _handle(self, scope: Scope, receive: Receive, send: Send, path: str, method: str) -> None:
-        rejection = self._reject(scope, path, method)
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        rejection = self._reject(headers, path, method)
         if rejection is not None:
             await _send_error(rejection, send)
             return
 
-        if _header(scope, "content-length") is None and method in ("POST", "PUT", "PATCH"):
+        if "content-length" not in headers and method in ("POST", "PUT", "PATCH"):
             # No declared length (chunked): read up to the limit before the app sees anything.
             body = await _read_limited(receive, self.state.config.max_body_bytes)
             if body is None:
@@ -92,9 +93,8 @@ class Gate:
             receive = _replay(body, receive)
         await self.app(scope, receive, send)
 
-    def _reject(self, scope: Scope, path: str, method: str) -> ApiError | None:
+    def _reject(self, headers: dict[str, str], path: str, method: str) -> ApiError | None:
         config, metrics = self.state.config, self.state.metrics
-        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
         if self.state.draining and path != "/metrics" and path != "/health":
             metrics.rejected_total.labels(reason="draining").inc()
             return ApiError(503, "the server is shutting down and takes no new requests", code="draining")
@@ -137,13 +137,6 @@ def key_ok(headers: dict[str, str], keys: tuple[str, ...]) -> bool:
     for key in keys:
         matched |= hmac.compare_digest(given.strip().encode(), key.encode())
     return matched
-
-
-def _header(scope: Scope, name: str) -> str | None:
-    for key, value in scope["headers"]:
-        if key.decode("latin-1").lower() == name:
-            return value.decode("latin-1")
-    return None
 
 
 async def _read_limited(receive: Receive, limit: int) -> bytes | None:

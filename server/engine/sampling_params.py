@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-REMASKING = ("low_confidence", "random")
-
 
 @dataclass(frozen=True)
 class SamplingParams:
