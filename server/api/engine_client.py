@@ -106,9 +106,9 @@ class EngineClient:
             raise ApiError(503, "the server is shutting down and takes no new requests", code="draining") from None
         return handle
 
-    def generate(self, prompt_ids: list[int], params: SamplingParams) -> RequestHandle:
+    def generate(self, prompt_ids: list[int], params: SamplingParams, stream: bool) -> RequestHandle:
         handle = self._handle()
-        return self._submit(handle, lambda sink: self.worker.submit_generate(prompt_ids, params, sink))
+        return self._submit(handle, lambda sink: self.worker.submit_generate(prompt_ids, params, sink, stream))
 
     def score(self, pairs: list[tuple[list[int], list[int]]], params: ScoreParams) -> RequestHandle:
         handle = self._handle()

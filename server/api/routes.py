@@ -166,7 +166,7 @@ async def generate(body: GenerateRequest, request: Request):
     request_id = f"gen-{uuid.uuid4().hex}"
     fields = log_fields(request)
     fields.update(id=request_id, prompt_tokens=len(ids))
-    handle = state.client.generate(ids, params)
+    handle = state.client.generate(ids, params, body.stream)
     state.metrics.prompt_tokens_total.inc(len(ids))
     if body.stream:
         return EventSourceResponse(_stream(state, handle, request_id, ids, fields), ping=15)

@@ -36,6 +36,7 @@ class WorkItem:
     engine_job: DenoiseJob | ScoringJob
     sink: Sink
     submitted: float
+    report_steps: bool = False  # a JSON request needs only its final event
     started: float | None = None
 
 
@@ -68,13 +69,15 @@ class EngineWorker:
     def alive(self) -> bool:
         return self._thread.is_alive() and self.death is None
 
-    def submit_generate(self, prompt_ids: list[int], params: SamplingParams, sink: Sink) -> str:
+    def submit_generate(self, prompt_ids: list[int], params: SamplingParams, sink: Sink, report_steps: bool) -> str:
+        """report_steps: send a GenerationStep per step (streams); otherwise only the final event,
+        which spares the event loop a wake-up per step."""
         engine_job = self.denoiser.new_job(prompt_ids, params)
         job = Job(
             JobKind.GENERATE,
             length=len(engine_job.canvas),
             rows_per_unit=params.rows,
-            payload=WorkItem(engine_job, sink, time.monotonic()),
+            payload=WorkItem(engine_job, sink, time.monotonic(), report_steps),
         )
         if engine_job.finished:  # every answer position was pinned: nothing to denoise
             sink(GenerationDone(engine_job.answer, 0, 0.0))
@@ -182,7 +185,8 @@ class EngineWorker:
             item: WorkItem = job.payload
             if event.step == 1:
                 self.metrics.time_to_first_step_seconds.observe(now - item.submitted)
-            item.sink(GenerationStep(event.step, event.block, event.reveals, event.masked))
+            if item.report_steps:
+                item.sink(GenerationStep(event.step, event.block, event.reveals, event.masked))
             self.metrics.generated_tokens_total.inc(len(event.reveals))
             if event.finished:
                 self.scheduler.finish(job.id)

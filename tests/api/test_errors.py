@@ -335,7 +335,7 @@ def test_429_queue_full_with_retry_after(tiny_model):
 
         def submit(params: SamplingParams) -> str:
             received: list = []
-            job_id = worker.submit_generate(prompt, params, received.append)
+            job_id = worker.submit_generate(prompt, params, received.append, report_steps=True)
             events[job_id] = received
             return job_id
 
