@@ -11,8 +11,13 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from server.engine.model_config import ModelConfig
+
+# cuDNN's attention, which PyTorch prefers on recent GPUs, builds a graph for every new input
+# shape (hundreds of ms each), and a server sees new lengths all the time; these kernels do not.
+ATTENTION_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 class RMSNorm(nn.Module):
@@ -112,8 +117,9 @@ class LLaDAModel(nn.Module):
         x = t.wte(input_ids)
         cos, sin = rotary_tables(self.config.head_dim, input_ids.shape[1], self.config.rope_theta, x.device)
         mask = None if key_mask is None or bool(key_mask.all()) else key_mask[:, None, None, :]
-        for block in t.blocks:
-            x = block(x, cos, sin, mask)
+        with sdpa_kernel(ATTENTION_BACKENDS):
+            for block in t.blocks:
+                x = block(x, cos, sin, mask)
         return x
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
