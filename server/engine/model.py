@@ -8,6 +8,8 @@ vocabulary-sized work off the positions that cannot be revealed.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -15,9 +17,11 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from server.engine.model_config import ModelConfig
 
-# cuDNN's attention, which PyTorch prefers on recent GPUs, builds a graph for every new input
-# shape (hundreds of ms each), and a server sees new lengths all the time; these kernels do not.
-ATTENTION_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+# On CUDA one attention kernel serves padded rows (key mask) and unpadded ones alike, so a row
+# computes the same numbers in any batch: flash attention takes no mask, and cuDNN's, which
+# PyTorch prefers on recent GPUs, also builds a graph for every new shape (hundreds of ms each,
+# and a server sees new lengths all the time). CPU keeps PyTorch's choice, batch-invariant as is.
+CUDA_ATTENTION = [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 class RMSNorm(nn.Module):
@@ -117,7 +121,7 @@ class LLaDAModel(nn.Module):
         x = t.wte(input_ids)
         cos, sin = rotary_tables(self.config.head_dim, input_ids.shape[1], self.config.rope_theta, x.device)
         mask = None if key_mask is None or bool(key_mask.all()) else key_mask[:, None, None, :]
-        with sdpa_kernel(ATTENTION_BACKENDS):
+        with sdpa_kernel(CUDA_ATTENTION) if x.is_cuda else contextlib.nullcontext():
             for block in t.blocks:
                 x = block(x, cos, sin, mask)
         return x
