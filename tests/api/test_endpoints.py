@@ -8,7 +8,9 @@ import math
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.api import parse_sse
+from server.engine.events import GenerationDone, GenerationStep
+from server.engine.sampling_params import SamplingParams
+from tests.api import parse_sse, wait_for
 from tests.conftest import app_client
 
 SMALL = {"gen_length": 16, "steps": 16, "block_length": 8}
@@ -295,6 +297,18 @@ def test_stream_steps_and_done_match_json(client):
     done = check_stream(events, loaded, gen_length=16, block_length=8, pinned={})
     assert len(events) - 1 == 8
     assert without_id_and_timing(done) == without_id_and_timing(generate(client, **request))
+
+
+def test_only_streamed_jobs_report_each_step(client):
+    # A JSON request needs only its final event; sparing the event loop a wake-up per step is
+    # what keeps the server's cost at batch 1 small on a GPU (docs/BENCHMARKS.md).
+    worker, loaded = client.state.worker, client.state.loaded
+    params = SamplingParams(gen_length=8, steps=4, block_length=8)
+    for report_steps, expected in ((False, [GenerationDone]), (True, [GenerationStep] * 4 + [GenerationDone])):
+        received: list = []
+        worker.submit_generate(loaded.codec.encode("hi"), params, received.append, report_steps)
+        wait_for(lambda r=received: r and isinstance(r[-1], GenerationDone), what="the job to finish")
+        assert [type(event) for event in received] == expected
 
 
 def test_stream_with_constraints(client):

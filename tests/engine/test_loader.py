@@ -7,6 +7,7 @@ import builtins
 import io
 import json
 import logging
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -331,6 +332,19 @@ def test_cuda_without_cuda_is_a_device_error(saved):
         resolve_device("cuda:1")
     with pytest.raises(DeviceError, match="no CUDA device is available"):
         load_checkpoint(saved, device="cuda", dtype="auto")
+
+
+def test_cuda_device_turns_off_the_cublas_split_k_workspace(monkeypatch):
+    # Without it a row's numbers on CUDA depend on how many rows share the forward.
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    resolve_device("cpu")
+    assert "CUBLAS_WORKSPACE_CONFIG" not in os.environ
+    assert resolve_device("cuda") == torch.device("cuda")
+    assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":0:0"
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # the user's own setting stays
+    resolve_device("cuda:0")
+    assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
 
 
 def test_unknown_device_and_dtype(saved):
