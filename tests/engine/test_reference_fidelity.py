@@ -336,20 +336,14 @@ MIXED = [
 ]
 
 
-def test_mixed_batch_rows_equal_solo_reference(demo):
+@pytest.mark.parametrize("model", ["demo", "eos_heavy"])
+def test_mixed_batch_rows_equal_solo_reference(model, request):
+    ref: Ref = request.getfixturevalue(model)
     prompts = [p for p, _ in MIXED]
     params = [s for _, s in MIXED]
-    batch = generate_batch(demo.loaded, prompts, params)
+    batch = generate_batch(ref.loaded, prompts, params)
     for i, (prompt, p) in enumerate(MIXED):
-        assert batch[i] == demo.generate(prompt, p), f"row {i}: {p}"
-
-
-def test_mixed_batch_on_eos_heavy_model(eos_heavy):
-    prompts = [p for p, _ in MIXED]
-    params = [s for _, s in MIXED]
-    batch = generate_batch(eos_heavy.loaded, prompts, params)
-    for i, (prompt, p) in enumerate(MIXED):
-        assert batch[i] == eos_heavy.generate(prompt, p), f"row {i}: {p}"
+        assert batch[i] == ref.generate(prompt, p), f"row {i}: {p}"
 
 
 def test_seeded_sampling_is_reproducible_and_batch_independent(demo):
