@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from loadtests.common import REPO_ROOT, add_model_args, bench_config, finish, machine_info
+from loadtests.common import REPO_ROOT, add_model_args, bench_config, finish, machine_info, print_goals
 from server.engine.demo import build_demo, demo_config
 from server.engine.denoiser import generate_batch
 from server.engine.devices import resolve_device, resolve_dtype
@@ -628,10 +628,7 @@ def print_report(result: dict) -> None:
             f"{th['full_logits_L_V_float32_mib']:.1f} MiB; [{th['largest_block']} candidates, V] float32 / float64 = "
             f"{th['candidates_V_float32_mib']:.1f} / {th['candidates_V_float64_mib']:.1f} MiB"
         )
-    if result.get("goals"):
-        print("\n== goals")
-        for g in result["goals"]:
-            print(f"  [{'met' if g['met'] else 'MISSED'}] {g['goal']}: {g['measured']}")
+    print_goals(result)
 
 
 def goals(result: dict) -> list[dict]:

@@ -54,7 +54,7 @@ import torch
 from httpx_sse import connect_sse
 from prometheus_client.parser import text_string_to_metric_families
 
-from loadtests.common import REPO_ROOT, add_model_args, bench_config, finish, machine_info
+from loadtests.common import REPO_ROOT, add_model_args, bench_config, finish, machine_info, print_goals
 from loadtests.loadgen import LoadReport, format_report, make_payload, planned, run_load
 from server.engine.demo import build_demo, save_checkpoint
 from server.engine.denoiser import generate_batch
@@ -525,10 +525,7 @@ def print_report(result: dict) -> None:
             f"{bn['gain_vs_batch_1']:.2f}x the tokens/s of batch 1 (the engine's own batching gain here, "
             f"the ceiling for the concurrent/sequential ratio)"
         )
-    if result.get("goals"):
-        print("\n== goals")
-        for g in result["goals"]:
-            print(f"  [{'met' if g['met'] else 'NOT MET'}] {g['goal']}: {g['measured']}")
+    print_goals(result)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -94,3 +94,10 @@ def finish(result: dict, started: float, json_path: str | None, print_report: Ca
     if json_path:
         Path(json_path).write_text(json.dumps(result, indent=2))
         print(f"figures written to {json_path}")
+
+
+def print_goals(result: dict) -> None:
+    if result.get("goals"):
+        print("\n== goals")
+        for g in result["goals"]:
+            print(f"  [{'met' if g['met'] else 'NOT MET'}] {g['goal']}: {g['measured']}")
