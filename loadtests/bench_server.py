@@ -41,9 +41,7 @@ import asyncio
 import gc
 import json
 import os
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -52,14 +50,14 @@ from pathlib import Path
 import httpx
 import torch
 from httpx_sse import connect_sse
-from prometheus_client.parser import text_string_to_metric_families
 
-from loadtests.common import REPO_ROOT, add_model_args, bench_config, finish, machine_info, print_goals
+from loadtests.common import add_model_args, bench_config, finish, machine_info, print_goals
 from loadtests.loadgen import LoadReport, format_report, make_payload, planned, run_load
 from server.engine.demo import build_demo, save_checkpoint
 from server.engine.denoiser import generate_batch
 from server.engine.loader import load_checkpoint
 from server.engine.sampling_params import SamplingParams
+from tests.support import ServerProcess, scrape
 
 # ---------------------------------------------------------------------------------------------
 # setup
@@ -108,12 +106,6 @@ def cpu_busy_share(seconds: float = 2.0) -> float | None:
     return round(1 - (idle1 - idle0) / max(1, total1 - total0), 3)
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def write_model(args: argparse.Namespace, folder: Path) -> dict:
     config = bench_config(args)
     loaded = build_demo(config, seed=args.model_seed)
@@ -133,81 +125,30 @@ def write_model(args: argparse.Namespace, folder: Path) -> dict:
     }
 
 
-class ServerProcess:
-    def __init__(self, args: argparse.Namespace, model: Path, log_path: Path):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.cmd = [
-            sys.executable,
-            "-m",
-            "server",
-            "--model",
-            str(model),
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(self.port),
-            "--device",
-            args.device,
-            "--dtype",
-            args.dtype,
-            "--max-batch-rows",
-            str(args.max_batch_rows),
-            "--max-queue",
-            "256",
-            "--log-level",
-            "warning",
-        ]
-        env = dict(os.environ)
-        if args.threads:
-            env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(args.threads)
-        self.log = open(log_path, "w")
-        self.proc = subprocess.Popen(self.cmd, cwd=REPO_ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT)
-
-    def wait_ready(self, timeout_s: float = 180.0) -> None:
-        deadline = time.monotonic() + timeout_s
-        with httpx.Client(trust_env=False, timeout=5.0) as client:
-            while time.monotonic() < deadline:
-                if self.proc.poll() is not None:
-                    raise RuntimeError(f"the server exited with {self.proc.returncode}; see {self.log.name}")
-                try:
-                    if client.get(self.url + "/health").status_code == 200:
-                        return
-                except httpx.HTTPError:
-                    pass
-                time.sleep(0.5)
-        raise RuntimeError(f"the server was not ready within {timeout_s:.0f}s; see {self.log.name}")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=40)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.log.close()
-
-
-# ---------------------------------------------------------------------------------------------
-# metrics
+def server_args(args: argparse.Namespace, model: Path) -> list[str]:
+    return [
+        "--model",
+        str(model),
+        "--device",
+        args.device,
+        "--dtype",
+        args.dtype,
+        "--max-batch-rows",
+        str(args.max_batch_rows),
+        "--max-queue",
+        "256",
+        "--log-level",
+        "warning",
+    ]
 
 
 HISTOGRAMS = ("llada_forward_duration_seconds", "llada_loop_iteration_seconds", "llada_batch_rows")
 
 
-def scrape(url: str) -> dict[str, float]:
+def engine_sums(url: str) -> dict[str, float]:
     """`{histogram}_sum` and `{histogram}_count` of the engine histograms, from GET /metrics."""
-    with httpx.Client(trust_env=False, timeout=10.0) as client:
-        text = client.get(url + "/metrics").text
-    out: dict[str, float] = {}
-    for family in text_string_to_metric_families(text):
-        if family.name not in HISTOGRAMS:
-            continue
-        for sample in family.samples:
-            if sample.name in (family.name + "_sum", family.name + "_count"):
-                out[sample.name] = out.get(sample.name, 0.0) + sample.value
-    return out
+    metrics = scrape(url)
+    return {f"{h}_{part}": metrics.value(f"{h}_{part}") for h in HISTOGRAMS for part in ("sum", "count")}
 
 
 def engine_share(before: dict[str, float], after: dict[str, float], wall_s: float) -> dict:
@@ -266,9 +207,9 @@ def measured_run(
 ) -> dict:
     print(f"  running {name}: {len(payloads)} requests at concurrency {concurrency} ...", flush=True)
     load_before, server_cpu, client_cpu = load_average(), process_cpu_s(server_pid), time.process_time()
-    before = scrape(url)
+    before = engine_sums(url)
     report = load_run(url, payloads, concurrency, max_seconds)
-    after = scrape(url)
+    after = engine_sums(url)
     client_cpu = time.process_time() - client_cpu
     server_cpu = (process_cpu_s(server_pid) or 0.0) - (server_cpu or 0.0)
     print("    " + format_report(report).replace("\n", "\n    "), flush=True)
@@ -335,14 +276,14 @@ def overhead(args, url: str, model_folder: Path) -> dict:
         generate_batch(loaded, [prompt], [params])  # warm-up of this process
         answer_engine = answer_json = answer_stream = None
         for _ in range(args.overhead_repeats):  # interleaved, so drift in machine load hits all three
-            loop_before = scrape(url)["llada_loop_iteration_seconds_sum"]
+            loop_before = scrape(url).value("llada_loop_iteration_seconds_sum")
             seconds, answer_json, _ = timed_http(client, url, payload)
             json_times.append(seconds)
-            loop_after = scrape(url)["llada_loop_iteration_seconds_sum"]
+            loop_after = scrape(url).value("llada_loop_iteration_seconds_sum")
             json_loop_times.append(loop_after - loop_before)
             seconds, answer_stream, first = timed_http(client, url, {**payload, "stream": True})
             stream_times.append(seconds)
-            stream_loop_times.append(scrape(url)["llada_loop_iteration_seconds_sum"] - loop_after)
+            stream_loop_times.append(scrape(url).value("llada_loop_iteration_seconds_sum") - loop_after)
             ttfs.append(first)
             start = time.perf_counter()
             answer_engine = generate_batch(loaded, [prompt], [params])[0]
@@ -544,9 +485,9 @@ def main(argv: list[str] | None = None) -> None:
         print("writing the bench model ...", flush=True)
         result["config"] = write_model(args, folder)
         print("bench configuration:", result["config"], flush=True)
-        server = ServerProcess(args, folder, Path(tmp) / "server.log")
-        result["server_command"] = ["python", *server.cmd[1:]]
-        result["server_command"][result["server_command"].index("--model") + 1] = "<bench model folder>"
+        threads = {"OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)} if args.threads else {}
+        server = ServerProcess(server_args(args, folder), Path(tmp) / "server.log", threads)
+        result["server_command"] = ["python", "-m", "server", *server_args(args, Path("<bench model folder>"))]
         result["settings"] = {
             "requests": args.requests,
             "clients": args.clients,
@@ -560,7 +501,7 @@ def main(argv: list[str] | None = None) -> None:
             "mixed_requests": args.mixed_requests,
         }
         try:
-            server.wait_ready()
+            server.wait_ready(timeout=180)
             url = server.url
             print(f"server ready at {url}; warming up ...", flush=True)
             load_run(url, fixed_payloads(args, 1, stream_share=0.0), 1, args.max_seconds)

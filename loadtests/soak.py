@@ -15,10 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import random
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -27,6 +24,8 @@ from pathlib import Path
 
 import httpx
 from httpx_sse import aconnect_sse
+
+from tests.support import ServerProcess, scrape
 
 BAD_BODIES = [
     {"prompt": "x", "gen_length": 0},
@@ -39,12 +38,6 @@ BAD_BODIES = [
     {"prompt": "x", "gen_length": 8, "constraints": [{"position": 9, "token_id": 5}]},
 ]
 KINDS = ("generate", "stream", "cancel", "score", "bad")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def rss_bytes(pid: int) -> int:
@@ -136,12 +129,8 @@ async def sample_memory(pid: int, deadline: float, samples: list[tuple[float, in
 
 
 def gauges(url: str) -> dict[str, float]:
-    text = httpx.get(url + "/metrics").text
-    return {
-        line.split()[0]: float(line.split()[1])
-        for line in text.splitlines()
-        if line.startswith(("llada_queue_depth", "llada_running_jobs"))
-    }
+    metrics = scrape(url)
+    return {name: metrics.value(name) for name in ("llada_queue_depth", "llada_running_jobs")}
 
 
 async def run(args: argparse.Namespace, url: str, pid: int) -> dict:
@@ -181,38 +170,16 @@ def main() -> int:
     parser.add_argument("--max-batch-rows", type=int, default=8)
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
     log = tempfile.NamedTemporaryFile("w", suffix=".log", delete=False)
-    server = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "server",
-            "--port",
-            str(port),
-            "--max-queue",
-            str(args.max_queue),
-            "--max-batch-rows",
-            str(args.max_batch_rows),
-            "--log-level",
-            "warning",
-        ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        env=os.environ.copy(),
+    server = ServerProcess(
+        ["--max-queue", str(args.max_queue), "--max-batch-rows", str(args.max_batch_rows), "--log-level", "warning"],
+        Path(log.name),
     )
     try:
-        for _ in range(600):
-            try:
-                if httpx.get(url + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.1)
-        report = asyncio.run(run(args, url, server.pid))
+        server.wait_ready()
+        report = asyncio.run(run(args, server.url, server.proc.pid))
     finally:
-        server.terminate()
-        report_exit = server.wait(timeout=60)
+        report_exit = server.stop(timeout=60)
     report["server_exit_code"] = report_exit
     report["server_log"] = log.name
     print(json.dumps({k: v for k, v in report.items() if k != "rss_samples"}, indent=2))

@@ -8,22 +8,13 @@ import time
 
 import uvicorn
 
-from server.api import create_app
+from server.api.app import create_app
 from server.api.state import ServerState
 from server.config import ServerConfig
-from server.engine.demo import build_demo
-from server.engine.devices import resolve_device, resolve_dtype
 from server.engine.errors import CheckpointError, DeviceError
-from server.engine.loader import LoadedModel, load_checkpoint
+from server.engine.startup import load_model
 
 log = logging.getLogger("llada.server")
-
-
-def load_model(config: ServerConfig) -> LoadedModel:
-    if config.model:
-        return load_checkpoint(config.model, config.device, config.dtype)
-    device = resolve_device(config.device)
-    return build_demo(dtype=resolve_dtype(config.dtype, device), device=device)
 
 
 class DrainingServer(uvicorn.Server):
@@ -33,20 +24,23 @@ class DrainingServer(uvicorn.Server):
     def __init__(self, config: uvicorn.Config, state: ServerState):
         super().__init__(config)
         self.state = state
+        self.signalled = False
 
     def handle_exit(self, sig: int, frame) -> None:
-        if self.state.draining:
+        if self.signalled:
             super().handle_exit(sig, frame)
             return
-        self.state.draining = True
+        self.signalled = True
+        self.state.client.engine.close()  # from here on /health says draining and new work gets 503
         log.info("signal %d: draining for up to %.0fs", sig, self.state.config.shutdown_grace)
         threading.Thread(target=self._drain, name="llada-drain", daemon=True).start()
 
     def _drain(self) -> None:
         deadline = time.monotonic() + self.state.config.shutdown_grace
-        if not self.state.worker.drain(self.state.config.shutdown_grace):
+        engine = self.state.client.engine
+        if not engine.drain(self.state.config.shutdown_grace):
             log.warning("grace period over: answering unfinished requests with an error")
-        self.state.worker.stop()
+        engine.stop()
         # Let the last answers reach their clients before uvicorn closes the connections.
         while self.state.in_flight and time.monotonic() < deadline + 5:
             time.sleep(0.02)
@@ -56,17 +50,12 @@ class DrainingServer(uvicorn.Server):
 def serve(config: ServerConfig) -> int:
     """Exit status: 0 after a clean shutdown, 1 when the model or the port fails, 2 on a bad setting."""
     try:
-        loaded = load_model(config)
+        loaded = load_model(config.model, config.device, config.dtype)
     except (CheckpointError, DeviceError, ValueError) as exc:
         log.error("cannot load the model: %s", exc)
         return 1
-    log.info(
-        "model %s (%s) on %s, dtype %s",
-        loaded.name,
-        config.model or "built-in demo",
-        loaded.device,
-        str(loaded.dtype).removeprefix("torch."),
-    )
+    info = loaded.info
+    log.info("model %s (%s) on %s, dtype %s", info.name, config.model or "built-in demo", info.device, info.dtype)
     try:
         app = create_app(config, loaded)
     except ValueError as exc:  # e.g. a malformed --inject-faults

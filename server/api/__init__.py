@@ -1,3 +1,1 @@
-from server.api.app import create_app
-
-__all__ = ["create_app"]
+"""The HTTP layer: `server.api.app.create_app(config)` builds the FastAPI app around one engine."""

@@ -1,4 +1,4 @@
-"""`create_app(config, loaded)`: the FastAPI application around one engine worker."""
+"""`create_app(config)`: the FastAPI application around one engine (which owns the model)."""
 
 from __future__ import annotations
 
@@ -13,36 +13,34 @@ from server.api.middleware import Gate
 from server.api.routes import router
 from server.api.state import ServerState
 from server.config import ServerConfig
-from server.engine.faults import FaultInjector
+from server.engine.engine import Engine, EngineSettings
 from server.engine.loader import LoadedModel
-from server.engine.worker import EngineWorker
+from server.engine.startup import load_model
 from server.metrics import Metrics
-from server.scheduler import Scheduler
 
 
-def build_state(config: ServerConfig, loaded: LoadedModel) -> ServerState:
-    metrics = Metrics()
-    scheduler = Scheduler(config.max_batch_rows, config.max_queue, config.max_padding_waste)
-    worker = EngineWorker(loaded, scheduler, metrics, FaultInjector(config.inject_faults))
-    return ServerState(
-        config=config,
-        loaded=loaded,
-        worker=worker,
-        client=EngineClient(worker, metrics, config.request_timeout),
-        metrics=metrics,
+def engine_settings(config: ServerConfig) -> EngineSettings:
+    return EngineSettings(
+        max_batch_rows=config.max_batch_rows,
+        max_queue=config.max_queue,
+        max_padding_waste=config.max_padding_waste,
+        inject_faults=config.inject_faults,
     )
 
 
-def create_app(config: ServerConfig, loaded: LoadedModel) -> FastAPI:
-    state = build_state(config, loaded)
+def create_app(config: ServerConfig, loaded: LoadedModel | None = None) -> FastAPI:
+    """The app and its engine; the model is loaded from config unless one is given (tests share one)."""
+    metrics = Metrics()
+    engine = Engine(loaded or load_model(config.model, config.device, config.dtype), engine_settings(config), metrics)
+    state = ServerState(config=config, client=EngineClient(engine, config.request_timeout), metrics=metrics)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        state.worker.start()
+        engine.start()
         try:
             yield
         finally:
-            state.worker.stop()
+            engine.stop()
 
     app = FastAPI(title="llada-server", version="0.1.0", lifespan=lifespan)
     app.state.server = state

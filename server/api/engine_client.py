@@ -1,19 +1,23 @@
 """The asyncio side of the engine: submit a job, then await its events from a per-request queue
-that the worker thread fills through `loop.call_soon_threadsafe`."""
+that the engine thread fills through `loop.call_soon_threadsafe`. This is all the routes know of
+the engine: generate, score, cancel (through a handle), stats and the model's info."""
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from typing import TYPE_CHECKING
 
 from server.api.errors import ApiError
 from server.engine.events import TERMINAL, JobFailed
-from server.engine.likelihood import ScoreParams
-from server.engine.sampling_params import SamplingParams
-from server.engine.worker import EngineWorker
-from server.metrics import Metrics
+from server.engine.model_info import ModelInfo
+from server.engine.sampling_params import SamplingParams, ScoreParams
+from server.engine.stats import EngineStats
 from server.scheduler import QueueFull, SchedulerClosed
+
+if TYPE_CHECKING:  # the engine module imports torch; this side of the boundary does not
+    from server.engine.engine import Engine
 
 # engine failure code -> (HTTP status, error type, envelope code)
 FAILURES = {
@@ -27,6 +31,10 @@ FAILURES = {
 def failure_error(event: JobFailed) -> ApiError:
     status, error_type, code = FAILURES.get(event.code, (500, "server_error", event.code))
     return ApiError(status, event.message, code=code, error_type=error_type)
+
+
+def draining_error() -> ApiError:
+    return ApiError(503, "the server is shutting down and takes no new requests", code="draining")
 
 
 class RequestHandle:
@@ -55,7 +63,6 @@ class RequestHandle:
                 event = await asyncio.wait_for(self.queue.get(), timeout=max(remaining, 0.0))
             except asyncio.TimeoutError:
                 self.cancel()
-                self.client.metrics.rejected_total.labels(reason="timeout").inc()
                 raise ApiError(
                     504,
                     f"the request took longer than --request-timeout ({self.client.timeout_s:g}s) and was cancelled",
@@ -76,40 +83,45 @@ class RequestHandle:
     def cancel(self) -> None:
         if not self.ended and self.job_id is not None:
             self.ended = True
-            self.client.worker.cancel(self.job_id)
+            self.client.engine.cancel(self.job_id)
 
 
 class EngineClient:
-    def __init__(self, worker: EngineWorker, metrics: Metrics, timeout_s: float):
-        self.worker = worker
-        self.metrics = metrics
+    def __init__(self, engine: Engine, timeout_s: float):
+        self.engine = engine
         self.timeout_s = timeout_s
 
-    def _handle(self) -> RequestHandle:
-        return RequestHandle(self, time.monotonic() + self.timeout_s)
+    @property
+    def info(self) -> ModelInfo:
+        return self.engine.info
 
-    def _submit(self, handle: RequestHandle, submit) -> RequestHandle:
-        if not self.worker.alive:
+    def stats(self) -> EngineStats:
+        return self.engine.stats()
+
+    @property
+    def draining(self) -> bool:
+        return self.engine.draining
+
+    def _submit(self, submit: Callable[[Callable[[object], None]], str]) -> RequestHandle:
+        if not self.engine.alive:
             raise ApiError(503, "the engine is not running", code="engine_dead", error_type="server_error")
+        handle = RequestHandle(self, time.monotonic() + self.timeout_s)
         try:
             handle.job_id = submit(handle.sink)
         except QueueFull as exc:
-            self.metrics.rejected_total.labels(reason="queue_full").inc()
             raise ApiError(
                 429,
-                f"the server is at capacity ({self.worker.scheduler.max_queue} requests waiting); retry later",
+                f"the server is at capacity ({self.engine.stats().max_queue} requests waiting); retry later",
                 code="queue_full",
                 headers={"Retry-After": str(max(1, round(exc.retry_after)))},
             ) from None
         except SchedulerClosed:
-            self.metrics.rejected_total.labels(reason="draining").inc()
-            raise ApiError(503, "the server is shutting down and takes no new requests", code="draining") from None
+            raise draining_error() from None
         return handle
 
     def generate(self, prompt_ids: list[int], params: SamplingParams, stream: bool) -> RequestHandle:
-        handle = self._handle()
-        return self._submit(handle, lambda sink: self.worker.submit_generate(prompt_ids, params, sink, stream))
+        """stream: the handle yields a GenerationStep per step before the GenerationDone."""
+        return self._submit(lambda sink: self.engine.submit_generate(prompt_ids, params, sink, stream))
 
     def score(self, pairs: list[tuple[list[int], list[int]]], params: ScoreParams) -> RequestHandle:
-        handle = self._handle()
-        return self._submit(handle, lambda sink: self.worker.submit_score(pairs, params, sink))
+        return self._submit(lambda sink: self.engine.submit_score(pairs, params, sink))

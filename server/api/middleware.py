@@ -10,7 +10,8 @@ import time
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from server.api.errors import ApiError
+from server.api.engine_client import draining_error
+from server.api.errors import ApiError, count_rejection
 
 log = logging.getLogger("llada.requests")
 LOG_FIELDS = "llada.log_fields"  # scope key: what routes add to the request's log line
@@ -80,26 +81,27 @@ class Gate:
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
         rejection = self._reject(headers, path, method)
         if rejection is not None:
-            await _send_error(rejection, send)
+            await self._send_error(rejection, send)
             return
 
         if "content-length" not in headers and method in ("POST", "PUT", "PATCH"):
             # No declared length (chunked): read up to the limit before the app sees anything.
             body = await _read_limited(receive, self.state.config.max_body_bytes)
             if body is None:
-                self.state.metrics.rejected_total.labels(reason="too_large").inc()
-                await _send_error(_too_large(self.state.config.max_body_bytes), send)
+                await self._send_error(_too_large(self.state.config.max_body_bytes), send)
                 return
             receive = _replay(body, receive)
         await self.app(scope, receive, send)
 
+    async def _send_error(self, error: ApiError, send: Send) -> None:
+        count_rejection(self.state.metrics, error)
+        await _send_error(error, send)
+
     def _reject(self, headers: dict[str, str], path: str, method: str) -> ApiError | None:
-        config, metrics = self.state.config, self.state.metrics
-        if self.state.draining and path != "/metrics" and path != "/health":
-            metrics.rejected_total.labels(reason="draining").inc()
-            return ApiError(503, "the server is shutting down and takes no new requests", code="draining")
+        config = self.state.config
+        if self.state.client.draining and path != "/metrics" and path != "/health":
+            return draining_error()
         if config.api_keys and needs_key(path, config.metrics_auth) and not key_ok(headers, config.api_keys):
-            metrics.rejected_total.labels(reason="unauthorized").inc()
             return ApiError(
                 401,
                 "missing or wrong API key: send 'Authorization: Bearer KEY'",
@@ -108,12 +110,10 @@ class Gate:
             )
         length = headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > config.max_body_bytes:
-            metrics.rejected_total.labels(reason="too_large").inc()
             return _too_large(config.max_body_bytes)
         if method == "POST" and path in JSON_BODY_PATHS:
             content_type = headers.get("content-type", "").split(";")[0].strip().lower()
             if content_type != "application/json":
-                metrics.rejected_total.labels(reason="invalid").inc()
                 return ApiError(
                     415,
                     f"send the body as application/json (got {content_type or 'no content type'})",

@@ -15,7 +15,7 @@ from sse_starlette.sse import EventSourceResponse
 
 from server.api import validation
 from server.api.engine_client import RequestHandle
-from server.api.errors import ApiError
+from server.api.errors import ApiError, count_rejection
 from server.api.middleware import LOG_FIELDS
 from server.api.schemas import (
     DetokenizeRequest,
@@ -98,14 +98,15 @@ async def result_or_disconnect(request: Request, handle: RequestHandle) -> objec
 @router.get("/health", response_model=Health, responses={503: {"model": Health, "description": "not ready"}})
 async def health(request: Request) -> JSONResponse:
     state = state_of(request)
-    status = "dead" if not state.worker.alive else "draining" if state.draining else "ready"
+    stats = state.client.stats()
+    status = "dead" if not stats.alive else "draining" if stats.draining else "ready"
     body = Health(
         status=status,
-        model=state.loaded.name,
-        device=str(state.loaded.device),
-        dtype=str(state.loaded.dtype).removeprefix("torch."),
-        queue_depth=state.worker.scheduler.queue_depth,
-        running_jobs=state.worker.scheduler.running,
+        model=state.info.name,
+        device=state.info.device,
+        dtype=state.info.dtype,
+        queue_depth=stats.queue_depth,
+        running_jobs=stats.running_jobs,
     )
     return JSONResponse(body.model_dump(), status_code=200 if status == "ready" else 503)
 
@@ -113,7 +114,7 @@ async def health(request: Request) -> JSONResponse:
 @router.get("/v1/models", response_model=ModelList, responses=COMMON)
 async def models(request: Request) -> ModelList:
     state = state_of(request)
-    return ModelList(data=[ModelCard(id=state.loaded.name, created=int(state.started_at))])
+    return ModelList(data=[ModelCard(id=state.info.name, created=int(state.started_at))])
 
 
 @router.get(
@@ -132,20 +133,20 @@ async def metrics(request: Request) -> Response:
 @router.post("/v1/tokenize", response_model=TokenizeResponse, responses=BODY)
 async def tokenize(body: TokenizeRequest, request: Request) -> TokenizeResponse:
     state = state_of(request)
-    ids = validation.prompt_ids(body, state.loaded, state.config)
+    ids = validation.prompt_ids(body, state.info, state.config)
     return TokenizeResponse(tokens=ids, count=len(ids))
 
 
 @router.post("/v1/detokenize", response_model=DetokenizeResponse, responses=BODY)
 async def detokenize(body: DetokenizeRequest, request: Request) -> DetokenizeResponse:
     state = state_of(request)
-    vocab = state.loaded.config.vocab_size
+    vocab = state.info.vocab_size
     for i, token in enumerate(body.tokens):
         if token >= vocab:
             raise validation.bad(
                 f"tokens[{i}] = {token} is outside the vocabulary (0..{vocab - 1})", "tokens", "token_out_of_range"
             )
-    return DetokenizeResponse(prompt=state.loaded.codec.decode(body.tokens, skip_special_tokens=False))
+    return DetokenizeResponse(prompt=state.info.codec.decode(body.tokens, skip_special_tokens=False))
 
 
 @router.post(
@@ -161,8 +162,8 @@ async def detokenize(body: DetokenizeRequest, request: Request) -> DetokenizeRes
 )
 async def generate(body: GenerateRequest, request: Request):
     state = state_of(request)
-    ids = validation.prompt_ids(body, state.loaded, state.config)
-    params = validation.sampling_params(body, len(ids), state.loaded, state.config)
+    ids = validation.prompt_ids(body, state.info, state.config)
+    params = validation.sampling_params(body, len(ids), state.info, state.config)
     request_id = f"gen-{uuid.uuid4().hex}"
     fields = log_fields(request)
     fields.update(id=request_id, prompt_tokens=len(ids))
@@ -177,12 +178,12 @@ async def generate(body: GenerateRequest, request: Request):
 def _generation_response(
     state: ServerState, request_id: str, ids: list[int], done: GenerationDone, handle: RequestHandle, fields: dict
 ) -> GenerateResponse:
-    text, stopped = state.loaded.codec.answer_text(done.token_ids, state.loaded.special.stops)
+    text, stopped = state.info.codec.answer_text(done.token_ids, state.info.special.stops)
     total = time.monotonic() - handle.started
     fields.update(answer_tokens=len(done.token_ids), steps=done.steps, queue_s=round(done.queue_s, 4))
     return GenerateResponse(
         id=request_id,
-        model=state.loaded.name,
+        model=state.info.name,
         text=text,
         token_ids=done.token_ids,
         finish_reason="stop" if stopped else "length",
@@ -212,6 +213,7 @@ async def _stream(state: ServerState, handle: RequestHandle, request_id: str, id
                 response = _generation_response(state, request_id, ids, event, handle, fields)
                 yield {"event": "done", "data": response.model_dump_json()}
     except ApiError as error:
+        count_rejection(state.metrics, error)
         fields.update(error=error.code, error_status=error.status)
         yield {"event": "error", "data": json.dumps(error.body())}
     finally:
@@ -219,7 +221,7 @@ async def _stream(state: ServerState, handle: RequestHandle, request_id: str, id
 
 
 def _token_texts(state: ServerState):
-    codec = state.loaded.codec
+    codec = state.info.codec
 
     @lru_cache(maxsize=4096)
     def text(token_id: int) -> str:
@@ -231,7 +233,7 @@ def _token_texts(state: ServerState):
 @router.post("/v1/loglikelihood", response_model=LoglikelihoodResponse, responses=ENGINE)
 async def loglikelihood(body: LoglikelihoodRequest, request: Request) -> LoglikelihoodResponse:
     state = state_of(request)
-    pairs, params = validation.score_inputs(body, state.loaded, state.config)
+    pairs, params = validation.score_inputs(body, state.info, state.config)
     request_id = f"ll-{uuid.uuid4().hex}"
     prompt_tokens = sum(len(a) + len(b) for a, b in pairs)
     fields = log_fields(request)
@@ -243,7 +245,7 @@ async def loglikelihood(body: LoglikelihoodRequest, request: Request) -> Loglike
     fields.update(rows=done.rows, queue_s=round(done.queue_s, 4))
     return LoglikelihoodResponse(
         id=request_id,
-        model=state.loaded.name,
+        model=state.info.name,
         results=[
             ScoreResultBody(
                 loglikelihood=r.loglikelihood, is_greedy=r.is_greedy, context_tokens=len(a), continuation_tokens=len(b)

@@ -43,18 +43,24 @@ class PromptFields(BaseModel):
     messages: list[Message] | None = Field(default=None, min_length=1)
 
 
-class GenerateRequest(PromptFields):
-    input_ids: list[TokenId] | None = None
-    gen_length: int = Field(default=128, ge=1)
+class DiffusionSettings(BaseModel):
+    """The denoising settings every generation route takes (the OpenAI routes as extra fields)."""
+
+    model_config = Strict
     steps: int = Field(default=128, ge=1)
     block_length: int | None = Field(default=None, ge=1, description="default: min(32, gen_length)")
-    temperature: FiniteFloat = Field(default=0.0, ge=0.0, le=100.0)
     cfg_scale: FiniteFloat = Field(default=0.0, ge=0.0, le=100.0)
     remasking: Literal["low_confidence", "random"] = "low_confidence"
     logits_eos_inf: bool = False
     confidence_eos_eot_inf: bool = False
-    seed: Seed | None = None
     constraints: list[Constraint] = Field(default_factory=list)
+
+
+class GenerateRequest(PromptFields, DiffusionSettings):
+    input_ids: list[TokenId] | None = None
+    gen_length: int = Field(default=128, ge=1)
+    temperature: FiniteFloat = Field(default=0.0, ge=0.0, le=100.0)
+    seed: Seed | None = None
     stream: bool = False
 
 

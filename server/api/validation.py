@@ -8,9 +8,8 @@ from pydantic import BaseModel
 from server.api.errors import ApiError
 from server.api.schemas import Constraint, GenerateRequest, LoglikelihoodRequest, PromptFields
 from server.config import ServerConfig
-from server.engine.likelihood import ScoreParams
-from server.engine.loader import LoadedModel
-from server.engine.sampling_params import SamplingParams
+from server.engine.model_info import ModelInfo
+from server.engine.sampling_params import SamplingParams, ScoreParams
 
 
 def bad(message: str, param: str, code: str = "invalid_value") -> ApiError:
@@ -23,18 +22,18 @@ def with_default(request: BaseModel, name: str, limit: int) -> int:
     return value if name in request.model_fields_set else min(value, limit)
 
 
-def check_ids(ids: list[int], loaded: LoadedModel, param: str) -> None:
-    vocab = loaded.config.vocab_size
+def check_ids(ids: list[int], info: ModelInfo, param: str) -> None:
+    vocab = info.vocab_size
     for i, token in enumerate(ids):
         if token >= vocab:
             raise bad(f"{param}[{i}] = {token} is outside the vocabulary (0..{vocab - 1})", param, "token_out_of_range")
-        if token == loaded.special.mask:
+        if token == info.special.mask:
             raise bad(
                 f"{param}[{i}] is the mask token {token}, which may not appear in a prompt", param, "mask_in_prompt"
             )
 
 
-def prompt_ids(request: PromptFields, loaded: LoadedModel, config: ServerConfig) -> list[int]:
+def prompt_ids(request: PromptFields, info: ModelInfo, config: ServerConfig) -> list[int]:
     given = [name for name in ("prompt", "messages", "input_ids") if getattr(request, name, None) is not None]
     if len(given) != 1:
         names = "prompt, messages or input_ids" if hasattr(request, "input_ids") else "prompt or messages"
@@ -44,7 +43,7 @@ def prompt_ids(request: PromptFields, loaded: LoadedModel, config: ServerConfig)
             "prompt_required",
         )
     source = given[0]
-    codec = loaded.codec
+    codec = info.codec
     if source == "prompt":
         if not request.prompt:
             raise bad("prompt is empty", "prompt", "empty_prompt")
@@ -59,7 +58,7 @@ def prompt_ids(request: PromptFields, loaded: LoadedModel, config: ServerConfig)
         ids = list(request.input_ids)
         if not ids:
             raise bad("input_ids is empty", "input_ids", "empty_prompt")
-    check_ids(ids, loaded, source)
+    check_ids(ids, info, source)
     if len(ids) > config.max_prompt_tokens:
         raise bad(
             f"the prompt has {len(ids)} tokens; the limit is {config.max_prompt_tokens} (--max-prompt-tokens)",
@@ -69,20 +68,18 @@ def prompt_ids(request: PromptFields, loaded: LoadedModel, config: ServerConfig)
     return ids
 
 
-def constraint_tokens(
-    constraints: list[Constraint], gen_length: int, loaded: LoadedModel
-) -> tuple[tuple[int, int], ...]:
+def constraint_tokens(constraints: list[Constraint], gen_length: int, info: ModelInfo) -> tuple[tuple[int, int], ...]:
     """[(answer position, token id)]; a text constraint is the word's tokens with a leading space,
     written from its position on (as the authors' demo does)."""
     pinned: dict[int, int] = {}
     for i, constraint in enumerate(constraints):
         param = f"constraints.{i}"
         if constraint.text is not None:
-            tokens = loaded.codec.encode(" " + constraint.text)
-            check_ids(tokens, loaded, param + ".text")
+            tokens = info.codec.encode(" " + constraint.text)
+            check_ids(tokens, info, param + ".text")
         else:
             tokens = [constraint.token_id]
-            check_ids(tokens, loaded, param + ".token_id")
+            check_ids(tokens, info, param + ".token_id")
         end = constraint.position + len(tokens)
         if end > gen_length:
             raise bad(
@@ -100,9 +97,7 @@ def constraint_tokens(
     return tuple(sorted(pinned.items()))
 
 
-def sampling_params(
-    request: GenerateRequest, prompt_len: int, loaded: LoadedModel, config: ServerConfig
-) -> SamplingParams:
+def sampling_params(request: GenerateRequest, prompt_len: int, info: ModelInfo, config: ServerConfig) -> SamplingParams:
     gen_length = with_default(request, "gen_length", config.max_gen_length)
     steps = with_default(request, "steps", config.max_steps)
     if gen_length > config.max_gen_length:
@@ -117,10 +112,10 @@ def sampling_params(
     if block_length > gen_length:
         raise bad(f"block_length {block_length} is larger than gen_length {gen_length}", "block_length")
     total = prompt_len + gen_length
-    if total > loaded.config.max_sequence_length:
+    if total > info.max_sequence_length:
         raise bad(
             f"prompt ({prompt_len} tokens) plus gen_length ({gen_length}) exceeds the model's "
-            f"max_sequence_length {loaded.config.max_sequence_length}",
+            f"max_sequence_length {info.max_sequence_length}",
             "gen_length",
             "too_long",
         )
@@ -134,12 +129,12 @@ def sampling_params(
         logits_eos_inf=request.logits_eos_inf,
         confidence_eos_eot_inf=request.confidence_eos_eot_inf,
         seed=request.seed,
-        constraints=constraint_tokens(request.constraints, gen_length, loaded),
+        constraints=constraint_tokens(request.constraints, gen_length, info),
     )
 
 
 def score_inputs(
-    request: LoglikelihoodRequest, loaded: LoadedModel, config: ServerConfig
+    request: LoglikelihoodRequest, info: ModelInfo, config: ServerConfig
 ) -> tuple[list[tuple[list[int], list[int]]], ScoreParams]:
     if len(request.requests) > config.max_score_requests:
         raise bad(
@@ -155,21 +150,21 @@ def score_inputs(
     for i, item in enumerate(request.requests):
         param = f"requests.{i}"
         if item.context is not None:
-            context, continuation = loaded.codec.encode_pair(item.context, item.continuation)
+            context, continuation = info.codec.encode_pair(item.context, item.continuation)
         else:
             context, continuation = list(item.context_ids), list(item.continuation_ids)
-        check_ids(context, loaded, param + ".context")
-        check_ids(continuation, loaded, param + ".continuation")
+        check_ids(context, info, param + ".context")
+        check_ids(continuation, info, param + ".continuation")
         if not continuation:
             raise bad(
                 f"{param}: the continuation is empty (no tokens to score)",
                 param + ".continuation",
                 "empty_continuation",
             )
-        if len(context) + len(continuation) > min(config.max_prompt_tokens, loaded.config.max_sequence_length):
+        if len(context) + len(continuation) > min(config.max_prompt_tokens, info.max_sequence_length):
             raise bad(
                 f"{param}: context plus continuation has {len(context) + len(continuation)} tokens; the limit is "
-                f"{min(config.max_prompt_tokens, loaded.config.max_sequence_length)}",
+                f"{min(config.max_prompt_tokens, info.max_sequence_length)}",
                 param,
                 "prompt_too_long",
             )

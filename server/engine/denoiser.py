@@ -14,16 +14,10 @@ from dataclasses import dataclass, field
 import torch
 
 from server.engine import sampling
+from server.engine.events import Reveal
 from server.engine.loader import LoadedModel
 from server.engine.padding import MAX_PADDING_WASTE, hidden_at, unconditional
 from server.engine.sampling_params import SamplingParams
-
-
-@dataclass(frozen=True)
-class Reveal:
-    index: int  # answer position
-    token_id: int
-    confidence: float  # the model's probability of the token
 
 
 @dataclass(frozen=True)

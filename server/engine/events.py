@@ -1,11 +1,16 @@
-"""What the engine worker tells a request, in plain data (no tensors cross this boundary)."""
+"""What the engine tells a request, in plain data: no tensors cross this boundary, and importing
+it does not import torch."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from server.engine.denoiser import Reveal
-from server.engine.likelihood import ScoreResult
+
+@dataclass(frozen=True)
+class Reveal:
+    index: int  # answer position
+    token_id: int
+    confidence: float  # the model's probability of the token
 
 
 @dataclass(frozen=True)
@@ -21,6 +26,12 @@ class GenerationDone:
     token_ids: list[int]
     steps: int
     queue_s: float
+
+
+@dataclass(frozen=True)
+class ScoreResult:
+    loglikelihood: float
+    is_greedy: bool | None
 
 
 @dataclass(frozen=True)

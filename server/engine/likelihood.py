@@ -21,28 +21,11 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from server.engine.events import ScoreResult
 from server.engine.loader import LoadedModel
 from server.engine.padding import MAX_PADDING_WASTE, hidden_at, unconditional
 from server.engine.sampling import cfg_combine, select_top, spread
-
-
-@dataclass(frozen=True)
-class ScoreParams:
-    mc_num: int = 128
-    batch_size: int = 32
-    cfg_scale: float = 0.0
-    greedy: bool = False
-    seed: int | None = None
-
-    @property
-    def rows_per_unit(self) -> int:
-        return 2 if self.cfg_scale > 0 else 1
-
-
-@dataclass
-class ScoreResult:
-    loglikelihood: float = 0.0
-    is_greedy: bool | None = None
+from server.engine.sampling_params import ScoreParams
 
 
 @dataclass
@@ -66,14 +49,16 @@ class ScoringJob:
     pairs: list[tuple[list[int], list[int]]]
     params: ScoreParams
     mask_id: int
-    results: list[ScoreResult] = field(init=False)
+    loglikelihoods: list[float] = field(init=False)
+    is_greedy: list[bool | None] = field(init=False)
     rows_done: int = 0
 
     def __post_init__(self) -> None:
         seed = self.params.seed if self.params.seed is not None else random.getrandbits(63)
         # Masks are drawn on the CPU: cheap, and the same on every device.
         self.generator = torch.Generator().manual_seed(seed)
-        self.results = [ScoreResult() for _ in self.pairs]
+        self.loglikelihoods = [0.0] * len(self.pairs)
+        self.is_greedy = [None] * len(self.pairs)
         self._mc_rows: Iterator[McRow] = self._draw_mc_rows()
         self._returned: list[McRow] = []  # rows of a forward that failed, to run again
         self.mc_left = sum(sum(self.group_sizes(len(target))) for _, target in self.pairs)
@@ -82,7 +67,7 @@ class ScoringJob:
             for i, (prefix, target) in enumerate(self.pairs):
                 canvas = torch.tensor(prefix + [self.mask_id] * len(target), dtype=torch.long)
                 self.greedy.append(GreedyState(i, canvas, torch.tensor(target, dtype=torch.long)))
-                self.results[i].is_greedy = True
+                self.is_greedy[i] = True
 
     def group_sizes(self, target_len: int) -> list[int]:
         if target_len == 1:
@@ -104,6 +89,10 @@ class ScoringJob:
                     noisy = seq.clone()
                     noisy[positions] = self.mask_id
                     yield McRow(pair, noisy, positions, seq[positions], (length / count) / (size * len(sizes)))
+
+    @property
+    def results(self) -> list[ScoreResult]:
+        return [ScoreResult(ll, greedy) for ll, greedy in zip(self.loglikelihoods, self.is_greedy)]
 
     @property
     def units(self) -> int:
@@ -161,7 +150,7 @@ class Scorer:
                 self._greedy_update(job, state, self._logits(job, selected))
             for mc_row in mc:
                 self._mc_update(job, mc_row, self._logits(job, selected))
-            job.greedy = [s for s in job.greedy if job.results[s.pair].is_greedy and (s.canvas == self.mask_id).any()]
+            job.greedy = [s for s in job.greedy if job.is_greedy[s.pair] and (s.canvas == self.mask_id).any()]
             job.rows_done += len(greedy) + len(mc)
         return len(rows)
 
@@ -175,7 +164,7 @@ class Scorer:
 
     def _mc_update(self, job: ScoringJob, mc_row: McRow, logits: torch.Tensor) -> None:
         loss = F.cross_entropy(logits, mc_row.targets.to(logits.device), reduction="sum").item()
-        job.results[mc_row.pair].loglikelihood -= loss * mc_row.weight
+        job.loglikelihoods[mc_row.pair] -= loss * mc_row.weight
 
     def _greedy_update(self, job: ScoringJob, state: GreedyState, logits: torch.Tensor) -> None:
         """Reveal the single most confident masked position; a wrong token settles it as False."""
@@ -187,7 +176,7 @@ class Scorer:
         state.canvas[position] = token
         prefix_len = len(job.pairs[state.pair][0])
         if token != int(state.target[position - prefix_len]):
-            job.results[state.pair].is_greedy = False
+            job.is_greedy[state.pair] = False
 
 
 def score_pairs(

@@ -20,6 +20,7 @@ from server.engine.devices import resolve_device, resolve_dtype
 from server.engine.errors import CheckpointError
 from server.engine.model import LLaDAModel
 from server.engine.model_config import ModelConfig, read_model_config
+from server.engine.model_info import ModelInfo
 from server.engine.text_codec import BOS_TOKEN, EOT_TOKEN, MASK_TOKEN, SpecialIds, TextCodec
 
 log = logging.getLogger("llada.engine")
@@ -43,6 +44,18 @@ class LoadedModel:
     @property
     def dtype(self) -> torch.dtype:
         return self.model.dtype
+
+    @property
+    def info(self) -> ModelInfo:
+        return ModelInfo(
+            name=self.name,
+            vocab_size=self.config.vocab_size,
+            max_sequence_length=self.config.max_sequence_length,
+            special=self.special,
+            codec=self.codec,
+            device=str(self.device),
+            dtype=str(self.dtype).removeprefix("torch."),
+        )
 
 
 def resolve_special_ids(config: ModelConfig, codec: TextCodec) -> SpecialIds:

@@ -1,4 +1,5 @@
-"""Per-request sampling settings, as the engine takes them (validated at the HTTP layer)."""
+"""Per-request settings as the engine takes them (validated at the HTTP layer). Torch-free: the API
+builds these without importing the engine's tensor code."""
 
 from __future__ import annotations
 
@@ -24,4 +25,17 @@ class SamplingParams:
     @property
     def rows(self) -> int:
         """Rows this job puts in each forward: CFG runs an unconditional copy beside it."""
+        return 2 if self.cfg_scale > 0 else 1
+
+
+@dataclass(frozen=True)
+class ScoreParams:
+    mc_num: int = 128
+    batch_size: int = 32
+    cfg_scale: float = 0.0
+    greedy: bool = False
+    seed: int | None = None
+
+    @property
+    def rows_per_unit(self) -> int:
         return 2 if self.cfg_scale > 0 else 1

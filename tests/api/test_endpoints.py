@@ -10,8 +10,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from server.engine.events import GenerationDone, GenerationStep
 from server.engine.sampling_params import SamplingParams
-from tests.api import parse_sse, wait_for
+from tests.api import parse_sse
 from tests.conftest import app_client
+from tests.support import wait_for
 
 SMALL = {"gen_length": 16, "steps": 16, "block_length": 8}
 CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Say hi."}]
@@ -30,7 +31,7 @@ def check_generation(body: dict, loaded, gen_length: int, prompt_tokens: int | N
     assert body["model"] == loaded.name
     ids = body["token_ids"]
     assert len(ids) == gen_length
-    assert all(isinstance(t, int) and 0 <= t < loaded.config.vocab_size for t in ids)
+    assert all(isinstance(t, int) and 0 <= t < loaded.vocab_size for t in ids)
     assert loaded.special.mask not in ids  # every position was revealed
     stops = loaded.special.stops
     first_stop = next((i for i, t in enumerate(ids) if t in stops), None)
@@ -61,7 +62,7 @@ def test_health_ready(client):
     body = response.json()
     assert body == {
         "status": "ready",
-        "model": client.state.loaded.name,
+        "model": client.state.info.name,
         "device": "cpu",
         "dtype": "float32",
         "queue_depth": 0,
@@ -76,14 +77,14 @@ def test_models_openai_list_shape(client):
     assert body["object"] == "list"
     assert len(body["data"]) == 1
     card = body["data"][0]
-    assert card["id"] == client.state.loaded.name
+    assert card["id"] == client.state.info.name
     assert card["object"] == "model"
     assert isinstance(card["created"], int) and card["created"] > 0
     assert isinstance(card["owned_by"], str) and card["owned_by"]
 
 
 def test_tokenize_prompt(client):
-    codec = client.state.loaded.codec
+    codec = client.state.info.codec
     response = client.post("/v1/tokenize", json={"prompt": "Hello, world!"})
     assert response.status_code == 200
     body = response.json()
@@ -91,7 +92,7 @@ def test_tokenize_prompt(client):
 
 
 def test_tokenize_add_special_tokens(client):
-    loaded = client.state.loaded
+    loaded = client.state.info
     plain = client.post("/v1/tokenize", json={"prompt": "hi", "add_special_tokens": False}).json()
     special = client.post("/v1/tokenize", json={"prompt": "hi", "add_special_tokens": True}).json()
     assert special["tokens"] == loaded.codec.encode("hi", add_special_tokens=True)
@@ -102,7 +103,7 @@ def test_tokenize_add_special_tokens(client):
 
 
 def test_tokenize_messages_applies_chat_template(client):
-    loaded = client.state.loaded
+    loaded = client.state.info
     body = client.post("/v1/tokenize", json={"messages": CHAT}).json()
     assert body["tokens"] == loaded.codec.encode_chat(CHAT)
     assert body["count"] == len(body["tokens"])
@@ -112,7 +113,7 @@ def test_tokenize_messages_applies_chat_template(client):
 
 
 def test_detokenize_round_trip(client):
-    loaded = client.state.loaded
+    loaded = client.state.info
     text = "Round trip: ok?\n"
     tokens = client.post("/v1/tokenize", json={"prompt": text}).json()["tokens"]
     response = client.post("/v1/detokenize", json={"tokens": tokens})
@@ -159,7 +160,7 @@ def test_metrics_served_directly_and_parses(client):
 
 
 def test_generate_json_shape_and_consistency(client):
-    loaded = client.state.loaded
+    loaded = client.state.info
     body = generate(client, prompt="Once upon a time", **SMALL)
     check_generation(body, loaded, gen_length=16, prompt_tokens=len("Once upon a time"))
     assert body["usage"]["nfe"] == 16
@@ -168,7 +169,7 @@ def test_generate_json_shape_and_consistency(client):
 @pytest.mark.parametrize("stop", ["eos", "eot"])
 def test_generate_stop_token_ends_text(client, stop):
     """A stop token pinned mid-answer: finish_reason is stop and the text ends right before it."""
-    loaded = client.state.loaded
+    loaded = client.state.info
     stop_id = getattr(loaded.special, stop)
     body = generate(client, prompt="hi", **SMALL, constraints=[{"position": 5, "token_id": stop_id}])
     check_generation(body, loaded, gen_length=16)
@@ -182,7 +183,7 @@ def test_generate_stop_token_ends_text(client, stop):
 
 
 def test_generate_messages_equals_tokenized_input_ids(client):
-    loaded = client.state.loaded
+    loaded = client.state.info
     tokens = client.post("/v1/tokenize", json={"messages": CHAT}).json()["tokens"]
     by_messages = generate(client, messages=CHAT, **SMALL)
     by_ids = generate(client, input_ids=tokens, **SMALL)
@@ -193,7 +194,7 @@ def test_generate_messages_equals_tokenized_input_ids(client):
 
 
 def test_generate_input_ids_equals_prompt(client):
-    loaded = client.state.loaded
+    loaded = client.state.info
     ids = client.post("/v1/tokenize", json={"prompt": "The sky"}).json()["tokens"]
     by_prompt = generate(client, prompt="The sky", **SMALL)
     by_ids = generate(client, input_ids=ids, **SMALL)
@@ -202,7 +203,7 @@ def test_generate_input_ids_equals_prompt(client):
 
 
 def test_generate_constraints_pin_tokens(client):
-    loaded = client.state.loaded
+    loaded = client.state.info
     word = loaded.codec.encode(" there")
     constraints = [{"position": 0, "text": "there"}, {"position": 10, "token_id": ord("Z")}]
     body = generate(client, prompt="Hello", **SMALL, constraints=constraints)
@@ -221,7 +222,7 @@ def test_generate_temperature_zero_is_deterministic(client):
 
 
 def test_generate_seeded_sampling_is_reproducible(client):
-    loaded = client.state.loaded
+    loaded = client.state.info
     request = {"prompt": "abc", "gen_length": 8, "steps": 8, "temperature": 1.0, "remasking": "random"}
     first = generate(client, **request, seed=1234)
     again = generate(client, **request, seed=1234)
@@ -233,7 +234,7 @@ def test_generate_seeded_sampling_is_reproducible(client):
 
 def test_generate_defaults_block_length(client):
     """Without block_length (default min(32, gen_length)) and with values that do not divide."""
-    loaded = client.state.loaded
+    loaded = client.state.info
     check_generation(generate(client, prompt="x", gen_length=10, steps=10), loaded, gen_length=10)
     body = generate(client, prompt="x", gen_length=10, steps=7, block_length=3)
     check_generation(body, loaded, gen_length=10)
@@ -291,7 +292,7 @@ def check_stream(
 
 
 def test_stream_steps_and_done_match_json(client):
-    loaded = client.state.loaded
+    loaded = client.state.info
     request = {"prompt": "Once upon a time", "gen_length": 16, "steps": 8, "block_length": 8}
     events = stream(client, **request)
     done = check_stream(events, loaded, gen_length=16, block_length=8, pinned={})
@@ -302,17 +303,17 @@ def test_stream_steps_and_done_match_json(client):
 def test_only_streamed_jobs_report_each_step(client):
     # A JSON request needs only its final event; sparing the event loop a wake-up per step is
     # what keeps the server's cost at batch 1 small on a GPU (docs/BENCHMARKS.md).
-    worker, loaded = client.state.worker, client.state.loaded
+    engine, loaded = client.state.client.engine, client.state.info
     params = SamplingParams(gen_length=8, steps=4, block_length=8)
     for report_steps, expected in ((False, [GenerationDone]), (True, [GenerationStep] * 4 + [GenerationDone])):
         received: list = []
-        worker.submit_generate(loaded.codec.encode("hi"), params, received.append, report_steps)
+        engine.submit_generate(loaded.codec.encode("hi"), params, received.append, report_steps)
         wait_for(lambda r=received: r and isinstance(r[-1], GenerationDone), what="the job to finish")
         assert [type(event) for event in received] == expected
 
 
 def test_stream_with_constraints(client):
-    loaded = client.state.loaded
+    loaded = client.state.info
     word = loaded.codec.encode(" hi")
     pinned = {2 + i: t for i, t in enumerate(word)} | {12: ord("Q")}
     request = {
@@ -328,7 +329,7 @@ def test_stream_with_constraints(client):
 
 
 def test_stream_seeded_sampling_matches_json(client):
-    loaded = client.state.loaded
+    loaded = client.state.info
     request = {
         "prompt": "abc",
         "gen_length": 12,
@@ -364,7 +365,7 @@ def check_scores(body: dict, loaded, count: int) -> None:
 
 
 def test_loglikelihood_text_pairs(client):
-    loaded = client.state.loaded
+    loaded = client.state.info
     pairs = [("The sky is", " blue"), ("The sky is ", "green"), ("1 2 3", " 4 5")]
     body = score(client, requests=[{"context": c, "continuation": x} for c, x in pairs], mc_num=8, batch_size=4, seed=0)
     check_scores(body, loaded, 3)
@@ -379,7 +380,7 @@ def test_loglikelihood_text_pairs(client):
 
 
 def test_loglikelihood_id_pairs_match_text_pairs(client):
-    loaded = client.state.loaded
+    loaded = client.state.info
     context_ids, continuation_ids = loaded.codec.encode_pair("Paris is in", " France")
     by_text = score(client, requests=[{"context": "Paris is in", "continuation": " France"}], mc_num=8, seed=3)
     by_ids = score(
@@ -405,7 +406,7 @@ def test_loglikelihood_seeded_is_reproducible(client):
 
 
 def test_loglikelihood_greedy_flag(client):
-    loaded = client.state.loaded
+    loaded = client.state.info
     body = score(
         client,
         requests=[
@@ -421,13 +422,13 @@ def test_loglikelihood_greedy_flag(client):
 
 
 def test_loglikelihood_cfg_scale(client):
-    loaded = client.state.loaded
+    loaded = client.state.info
     body = score(client, requests=[{"context": "abc", "continuation": " def"}], mc_num=4, cfg_scale=1.5, seed=0)
     check_scores(body, loaded, 1)
 
 
 def test_loglikelihood_one_token_continuation_is_deterministic(client):
-    loaded = client.state.loaded
+    loaded = client.state.info
     request = [{"context": "The answer is", "continuation": "!"}]
     first = score(client, requests=request, mc_num=16, batch_size=4, seed=1)
     second = score(client, requests=request, mc_num=16, batch_size=4, seed=2)

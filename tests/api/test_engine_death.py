@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from tests.api import assert_error, wait_for
+from tests.api import assert_error
 from tests.conftest import app_client
+from tests.support import wait_for
 
 
 def test_dead_engine_answers_everyone_and_health_turns_503(tiny_model):

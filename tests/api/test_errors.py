@@ -9,8 +9,9 @@ import pytest
 
 from server.engine.events import JobFailed
 from server.engine.sampling_params import SamplingParams
-from tests.api import assert_error, parse_sse, wait_for
+from tests.api import assert_error, parse_sse
 from tests.conftest import app_client
+from tests.support import wait_for
 
 GOOD = {"prompt": "hi", "gen_length": 8, "steps": 8}
 LIMITS = {
@@ -32,8 +33,8 @@ def limited(tiny_model):
 
 
 def idle(client) -> bool:
-    scheduler = client.state.worker.scheduler
-    return scheduler.queue_depth == 0 and scheduler.running == 0
+    stats = client.state.client.stats()
+    return stats.queue_depth == 0 and stats.running_jobs == 0
 
 
 # ---------------------------------------------------------------------------- table: /v1/generate
@@ -327,25 +328,36 @@ def test_empty_body_is_a_schema_error(client):
 # ---------------------------------------------------------------------------- load, drain, time, faults
 
 
+def test_every_400_415_and_422_counts_once_as_invalid(tiny_model):
+    with app_client(tiny_model, max_gen_length=16) as client:
+        assert client.post("/v1/generate", json={"prompt": "x", "gen_length": 32}).status_code == 400
+        json_type = {"content-type": "application/json"}
+        assert client.post("/v1/generate", content=b"{", headers=json_type).status_code == 400
+        assert client.post("/v1/generate", json={"prompt": "x", "gen_length": 0}).status_code == 422
+        assert client.post("/v1/tokenize", content=b"x", headers={"content-type": "text/plain"}).status_code == 415
+        assert client.post("/v1/generate", json=GOOD).status_code == 200
+        assert 'llada_rejected_total{reason="invalid"} 4.0' in client.get("/metrics").text
+
+
 def test_429_queue_full_with_retry_after(tiny_model):
     with app_client(tiny_model, max_queue=1, max_batch_rows=2) as client:
-        worker, scheduler = client.state.worker, client.state.worker.scheduler
+        engine = client.state.client.engine
         prompt = tiny_model.codec.encode("busy")
         events: dict[str, list] = {}
 
         def submit(params: SamplingParams) -> str:
             received: list = []
-            job_id = worker.submit_generate(prompt, params, received.append, report_steps=True)
+            job_id = engine.submit_generate(prompt, params, received.append, report_steps=True)
             events[job_id] = received
             return job_id
 
         try:
             submit(LONG)
-            wait_for(lambda: scheduler.running == 1, what="the first job to run")
+            wait_for(lambda: engine.stats().running_jobs == 1, what="the first job to run")
             submit(LONG)
-            wait_for(lambda: scheduler.running == 2, what="the second job to run")
+            wait_for(lambda: engine.stats().running_jobs == 2, what="the second job to run")
             submit(LONG)  # no rows left: it waits, and fills the queue of one
-            assert scheduler.queue_depth == 1
+            assert engine.stats().queue_depth == 1
 
             start = time.monotonic()
             response = client.post("/v1/generate", json=GOOD)
@@ -354,10 +366,11 @@ def test_429_queue_full_with_retry_after(tiny_model):
             assert error["code"] == "queue_full"
             retry_after = response.headers["retry-after"]
             assert retry_after.isdigit() and int(retry_after) >= 1
-            assert scheduler.queue_depth == 1 and scheduler.running == 2  # the rejected request left no trace
+            stats = engine.stats()
+            assert stats.queue_depth == 1 and stats.running_jobs == 2  # the rejected request left no trace
         finally:
             for job_id in events:
-                worker.cancel(job_id)
+                engine.cancel(job_id)
         wait_for(lambda: idle(client), what="the cancelled jobs to leave")
         wait_for(
             lambda: all(e and isinstance(e[-1], JobFailed) for e in events.values()),
@@ -367,20 +380,20 @@ def test_429_queue_full_with_retry_after(tiny_model):
         assert client.post("/v1/generate", json=GOOD).status_code == 200
 
 
-def test_503_while_draining(client):
-    client.state.draining = True
-    try:
+def test_503_while_draining(tiny_model):
+    # Draining is the engine's state (its scheduler stops admitting), set once by SIGTERM.
+    with app_client(tiny_model) as client:
+        assert client.post("/v1/generate", json=GOOD).status_code == 200
+        client.state.client.engine.close()
         error = assert_error(client.post("/v1/generate", json=GOOD), 503, "overloaded", None)
         assert error["code"] == "draining"
         assert_error(client.post("/v1/loglikelihood", json={"requests": [PAIR]}), 503, "overloaded")
         health = client.get("/health")
         assert health.status_code == 503
         assert health.json()["status"] == "draining"
-        assert client.get("/metrics").status_code == 200
-    finally:
-        client.state.draining = False
-    assert client.get("/health").status_code == 200
-    assert client.post("/v1/generate", json=GOOD).status_code == 200
+        metrics = client.get("/metrics")
+        assert metrics.status_code == 200
+        assert 'llada_rejected_total{reason="draining"} 2.0' in metrics.text  # each refusal counted once
 
 
 def test_504_timeout_cancels_the_job(tiny_model):

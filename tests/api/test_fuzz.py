@@ -12,7 +12,7 @@ from schemathesis.checks import (
     status_code_conformance,
 )
 
-from server.api import create_app
+from server.api.app import create_app
 from server.config import ServerConfig
 from server.engine.demo import build_demo, demo_config
 from tests.conftest import TINY
@@ -22,7 +22,7 @@ CONFIG = ServerConfig(
     max_gen_length=16, max_steps=16, max_mc_num=8, max_prompt_tokens=64, max_score_requests=4, request_timeout=20
 )
 app = create_app(CONFIG, build_demo(demo_config(**TINY)))
-app.state.server.worker.start()
+app.state.server.client.engine.start()
 
 
 async def without_lifespan(scope, receive, send):

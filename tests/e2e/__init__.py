@@ -7,12 +7,10 @@ when a test ends get a short --shutdown-grace so the fixture's SIGTERM never wai
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 
 import httpx
 from httpx_sse import aconnect_sse, connect_sse
-from prometheus_client.parser import text_string_to_metric_families
 
 ERROR_TYPES = ("invalid_request_error", "authentication_error", "overloaded", "timeout", "server_error")
 HTTP_TIMEOUT = httpx.Timeout(60.0, connect=10.0)
@@ -36,46 +34,6 @@ def assert_error_response(response: httpx.Response, status: int, error_type: str
     assert response.status_code == status, (response.status_code, response.text)
     assert response.headers.get("content-type", "").startswith("application/json"), response.headers
     return assert_envelope(response.json(), error_type, code)
-
-
-def wait_for(
-    predicate: Callable[[], object], timeout: float = 15.0, what: str = "condition", interval: float = 0.05
-) -> object:
-    """Poll `predicate` until it returns something truthy (returned); fail after `timeout` s."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(interval)
-
-
-class Scrape:
-    """One parsed GET /metrics: `value(name, **labels)` reads one sample (KeyError when absent)."""
-
-    def __init__(self, text: str):
-        self.samples = {}
-        for family in text_string_to_metric_families(text):
-            for sample in family.samples:
-                self.samples[(sample.name, frozenset(sample.labels.items()))] = sample.value
-
-    def value(self, name: str, **labels: str) -> float:
-        key = (name, frozenset(labels.items()))
-        if key not in self.samples:  # every series is exported from the start, so absent = a typo
-            raise KeyError(f"no sample {name}{labels or ''} in /metrics")
-        return self.samples[key]
-
-    def batches_over(self, rows: int) -> float:
-        """Forwards with more than `rows` rows, from the llada_batch_rows histogram."""
-        return self.value("llada_batch_rows_count") - self.value("llada_batch_rows_bucket", le=f"{float(rows)}")
-
-
-def scrape(url: str) -> Scrape:
-    response = httpx.get(url + "/metrics", timeout=HTTP_TIMEOUT)
-    assert response.status_code == 200, response.text
-    return Scrape(response.text)
 
 
 def stream_events(client: httpx.Client, url: str, body: dict, on_step: Callable[[int], bool] | None = None):

@@ -13,8 +13,9 @@ import httpx
 import pytest
 
 from server.config import ServerConfig, env_name
+from tests.support import wait_for
 
-from . import HTTP_TIMEOUT, assert_error_response, wait_for
+from . import HTTP_TIMEOUT, assert_error_response
 
 
 def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 60.0) -> subprocess.CompletedProcess:

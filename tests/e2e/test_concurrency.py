@@ -10,7 +10,9 @@ import time
 
 import httpx
 
-from . import HTTP_TIMEOUT, assert_envelope, astream_events, check_answer, scrape, stream_events, wait_for
+from tests.support import scrape, wait_for
+
+from . import HTTP_TIMEOUT, assert_envelope, astream_events, check_answer, stream_events
 
 LONG_PROMPT = "The quick brown fox jumps over the lazy dog while the diffusion model unmasks tokens. "
 

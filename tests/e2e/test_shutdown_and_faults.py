@@ -10,7 +10,9 @@ import time
 
 import httpx
 
-from . import HTTP_TIMEOUT, assert_envelope, assert_error_response, astream_events, check_answer, scrape, wait_for
+from tests.support import scrape, wait_for
+
+from . import HTTP_TIMEOUT, assert_envelope, assert_error_response, astream_events, check_answer
 
 
 def _draining(url: str) -> bool:

@@ -5,39 +5,18 @@ the server exports."""
 from __future__ import annotations
 
 import threading
-import time
 from pathlib import Path
 
 import httpx
 from httpx_sse import connect_sse
-from prometheus_client.parser import text_string_to_metric_families
 
 from tests.deploy.dashboard_names import dashboard_metric_names, exported_sample_names
+from tests.support import scrape, wait_for
 
 DASHBOARD = Path(__file__).resolve().parents[2] / "docker" / "grafana" / "dashboards" / "llada.json"
 # Long enough (thousands of steps over a 2k-token canvas) to still be running when cancelled.
 LONG = {"prompt": "a long one", "gen_length": 2048, "steps": 2048, "block_length": 32, "stream": True}
 LIMITS = ("--max-gen-length", "2048", "--max-steps", "2048")
-
-
-def scrape(url: str) -> dict[tuple[str, tuple], float]:
-    text = httpx.get(url + "/metrics", follow_redirects=False).text
-    return {
-        (s.name, tuple(sorted(s.labels.items()))): s.value
-        for family in text_string_to_metric_families(text)
-        for s in family.samples
-    }
-
-
-def value(samples: dict, name: str, **labels) -> float:
-    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
-
-
-def wait_for(predicate, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        time.sleep(0.02)
 
 
 def open_stream(url: str, started: threading.Event, stop: threading.Event) -> None:
@@ -88,7 +67,7 @@ def test_counters_and_gauges_after_real_traffic(start_server, tiny_checkpoint):
         daemon=True,
     )
     queued.start()
-    wait_for(lambda: value(scrape(url), "llada_queue_depth") == 1)
+    wait_for(lambda: scrape(url).value("llada_queue_depth") == 1)
     rejected = httpx.post(url + "/v1/generate", json={"prompt": "x", "gen_length": 8, "steps": 8})
     assert rejected.status_code == 429
     assert rejected.headers["retry-after"]
@@ -98,11 +77,11 @@ def test_counters_and_gauges_after_real_traffic(start_server, tiny_checkpoint):
     queued.join(60)  # the queued request then runs to completion
     assert len(queued_answer["token_ids"]) == 8
 
-    wait_for(lambda: value(scrape(url), "llada_running_jobs") == 0 and value(scrape(url), "llada_queue_depth") == 0)
+    wait_for(lambda: scrape(url).value("llada_running_jobs") == 0 and scrape(url).value("llada_queue_depth") == 0)
     after = scrape(url)
 
     def moved(name: str, **labels) -> float:
-        return value(after, name, **labels) - value(before, name, **labels)
+        return after.moved(before, name, **labels)
 
     # json, stream, the two streams whose clients left (they had started as 200), the queued one
     assert moved("llada_requests_total", endpoint="/v1/generate", status="200") == 5
@@ -110,6 +89,7 @@ def test_counters_and_gauges_after_real_traffic(start_server, tiny_checkpoint):
     assert moved("llada_requests_total", endpoint="/v1/generate", status="422") == 1
     assert moved("llada_requests_total", endpoint="/v1/loglikelihood", status="200") == 1
     assert moved("llada_rejected_total", reason="queue_full") == 1
+    assert moved("llada_rejected_total", reason="invalid") == 1  # the 422
     assert moved("llada_cancelled_total") == 2
     assert moved("llada_loglikelihood_samples_total") == scored.json()["usage"]["forward_rows"]
     assert moved("llada_request_duration_seconds_count", endpoint="/v1/generate") == 7
@@ -120,8 +100,8 @@ def test_counters_and_gauges_after_real_traffic(start_server, tiny_checkpoint):
     assert moved("llada_prompt_tokens_total") > 0
     assert moved("llada_time_to_first_step_seconds_count") == 5
     assert moved("llada_engine_errors_total") == 0
-    assert value(after, "llada_queue_depth") == 0
-    assert value(after, "llada_running_jobs") == 0
+    assert after.value("llada_queue_depth") == 0
+    assert after.value("llada_running_jobs") == 0
 
 
 def test_dashboard_queries_only_exported_metrics(start_server, tiny_checkpoint):

@@ -1,10 +1,12 @@
-"""The engine worker: one thread owns the model and runs the step loop.
+"""The engine: it owns the model, its scheduler and the one thread that runs the step loop.
 
-Each iteration asks the scheduler which jobs share the next forward, runs one denoising step
-(or one batch of scoring rows), and hands every job its events through its sink, a thread-safe
-callable supplied by the caller. Failures stay inside the batch they happen in: an
-out-of-memory forward is retried as two halves, any other error fails that batch's jobs only,
-and if the loop itself dies every job still held is answered.
+Callers (the HTTP layer's engine client) use only `submit_generate`, `submit_score`, `cancel`,
+`stats`, `info` and the lifecycle calls; everything they pass and receive is torch-free
+(sampling_params, events, model_info). Each iteration asks the scheduler which jobs share the
+next step, runs it, and hands every job its events through its sink, a thread-safe callable
+supplied by the caller. Failures stay inside the batch they happen in: an out-of-memory forward
+is retried as two halves, any other error fails that batch's jobs only, and if the loop itself
+dies every job still held is answered.
 """
 
 from __future__ import annotations
@@ -20,15 +22,25 @@ import torch
 from server.engine.denoiser import DenoiseJob, Denoiser
 from server.engine.events import GenerationDone, GenerationStep, JobFailed, ScoringDone
 from server.engine.faults import FaultInjector
-from server.engine.likelihood import ScoreParams, Scorer, ScoringJob
+from server.engine.likelihood import Scorer, ScoringJob
 from server.engine.loader import LoadedModel
-from server.engine.sampling_params import SamplingParams
+from server.engine.model_info import ModelInfo
+from server.engine.sampling_params import SamplingParams, ScoreParams
+from server.engine.stats import EngineStats
 from server.metrics import Metrics
 from server.scheduler import Batch, Job, JobKind, Scheduler
 
 log = logging.getLogger("llada.engine")
 
 Sink = Callable[[object], None]
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    max_batch_rows: int = 16
+    max_queue: int = 64
+    max_padding_waste: float = 1.0
+    inject_faults: str | None = None  # test only: see faults.py
 
 
 @dataclass(eq=False)
@@ -40,19 +52,15 @@ class WorkItem:
     started: float | None = None
 
 
-class EngineWorker:
+class Engine:
     def __init__(
-        self,
-        loaded: LoadedModel,
-        scheduler: Scheduler,
-        metrics: Metrics | None = None,
-        faults: FaultInjector | None = None,
-        poll_s: float = 0.05,
+        self, loaded: LoadedModel, settings: EngineSettings, metrics: Metrics | None = None, poll_s: float = 0.05
     ):
         self.loaded = loaded
-        self.scheduler = scheduler
+        self.info: ModelInfo = loaded.info
+        self.scheduler = Scheduler(settings.max_batch_rows, settings.max_queue, settings.max_padding_waste)
         self.metrics = metrics or Metrics()
-        self.faults = faults or FaultInjector(None)
+        self.faults = FaultInjector(settings.inject_faults)
         self.poll_s = poll_s
         self.denoiser = Denoiser(loaded)
         self.scorer = Scorer(loaded)
@@ -68,6 +76,20 @@ class EngineWorker:
     @property
     def alive(self) -> bool:
         return self._thread.is_alive() and self.death is None
+
+    @property
+    def draining(self) -> bool:
+        """Admissions closed by close()/drain(); a loop that died is dead, not draining."""
+        return self.scheduler.closed and self.death is None
+
+    def stats(self) -> EngineStats:
+        return EngineStats(
+            alive=self.alive,
+            draining=self.draining,
+            queue_depth=self.scheduler.queue_depth,
+            running_jobs=self.scheduler.running,
+            max_queue=self.scheduler.max_queue,
+        )
 
     def submit_generate(self, prompt_ids: list[int], params: SamplingParams, sink: Sink, report_steps: bool) -> str:
         """report_steps: send a GenerationStep per step (streams); otherwise only the final event,
@@ -103,9 +125,13 @@ class EngineWorker:
     def cancel(self, job_id: str) -> None:
         self.scheduler.cancel(job_id)
 
+    def close(self) -> None:
+        """Stop admitting new work (draining); accepted work still runs."""
+        self.scheduler.close()
+
     def drain(self, grace_s: float) -> bool:
         """Stop admitting, let accepted work finish for up to grace_s; True if all finished."""
-        self.scheduler.close()
+        self.close()
         deadline = time.monotonic() + grace_s
         while self.scheduler.pending() and time.monotonic() < deadline and self.alive:
             time.sleep(0.05)
