@@ -9,11 +9,11 @@ import os
 import platform
 import subprocess
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
+from loadtests.report import render
 from server.engine.demo import demo_config
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -87,17 +87,12 @@ def _git(*argv: str) -> str | None:
     return proc.stdout.strip() if proc.returncode == 0 else None
 
 
-def finish(result: dict, started: float, json_path: str | None, print_report: Callable[[dict], None]) -> None:
+def finish(result: dict, started: float, json_path: str | None) -> None:
+    """Write the figures (when asked) and print them, from the same JSON."""
     result["total_wall_s"] = round(time.perf_counter() - started, 1)
-    print_report(result)
-    print(f"\ntotal wall time {result['total_wall_s']:.1f} s")
+    text = json.dumps(result, indent=2)
     if json_path:
-        Path(json_path).write_text(json.dumps(result, indent=2))
+        Path(json_path).write_text(text)
+    print(render(json.loads(text)))
+    if json_path:
         print(f"figures written to {json_path}")
-
-
-def print_goals(result: dict) -> None:
-    if result.get("goals"):
-        print("\n== goals")
-        for g in result["goals"]:
-            print(f"  [{'met' if g['met'] else 'NOT MET'}] {g['goal']}: {g['measured']}")

@@ -21,13 +21,8 @@ class ServerConfig:
     dtype: str = setting("auto", "auto (bf16 on CUDA, fp32 on CPU), bfloat16, float16, float32")
     host: str = setting("127.0.0.1", "address to listen on")
     port: int = setting(8000, "port to listen on")
-    max_batch_rows: int = setting(16, "rows per forward pass (a CFG request counts two)")
+    max_batch_rows: int = setting(16, "rows that step together (a CFG request counts two)")
     max_queue: int = setting(64, "requests waiting beyond the running batch; past it, 429")
-    max_padding_waste: float = setting(
-        1.0,
-        "scheduler: share of padded positions allowed among the jobs that step together; below 1, jobs of "
-        "distant lengths take turns (the engine already splits a step's rows into forwards wasting at most a quarter)",
-    )
     max_prompt_tokens: int = setting(4096, "longest prompt, in tokens")
     max_gen_length: int = setting(1024, "largest gen_length")
     max_steps: int = setting(1024, "largest steps")
@@ -44,7 +39,7 @@ class ServerConfig:
     log_format: str = setting("text", "text or json")
     log_level: str = setting("info", "debug, info, warning or error")
     inject_faults: str | None = setting(
-        None, "TEST ONLY: fail forwards, e.g. 'error@3,oom@5' (see server/engine/faults.py)"
+        None, "TEST ONLY: fail forwards, e.g. 'error@3,oom@5-9:head' (see server/engine/faults.py)"
     )
 
     @property
@@ -142,8 +137,6 @@ def check_config(config: ServerConfig) -> list[str]:
     for name in ("request_timeout", "shutdown_grace"):
         if getattr(config, name) <= 0:
             problems.append(f"--{name.replace('_', '-')} must be positive")
-    if not 0 <= config.max_padding_waste <= 1:
-        problems.append("--max-padding-waste must be between 0 and 1")
     if config.max_batch_rows < 2:
         problems.append("--max-batch-rows must be at least 2 so that a CFG request (two rows) fits")
     return problems

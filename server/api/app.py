@@ -23,7 +23,6 @@ def engine_settings(config: ServerConfig) -> EngineSettings:
     return EngineSettings(
         max_batch_rows=config.max_batch_rows,
         max_queue=config.max_queue,
-        max_padding_waste=config.max_padding_waste,
         inject_faults=config.inject_faults,
     )
 

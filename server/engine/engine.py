@@ -2,11 +2,14 @@
 
 Callers (the HTTP layer's engine client) use only `submit_generate`, `submit_score`, `cancel`,
 `stats`, `info` and the lifecycle calls; everything they pass and receive is torch-free
-(sampling_params, events, model_info). Each iteration asks the scheduler which jobs share the
-next step, runs it, and hands every job its events through its sink, a thread-safe callable
-supplied by the caller. Failures stay inside the batch they happen in: an out-of-memory forward
-is retried as two halves, any other error fails that batch's jobs only, and if the loop itself
-dies every job still held is answered.
+(sampling_params, events, model_info, stats). Each iteration asks the scheduler which jobs share
+the next step, runs it (the denoiser or the scorer turns it into forwards), and hands every job
+its events through its sink, a thread-safe callable supplied by the caller.
+
+Failures stay with the jobs they hit. A step is a transaction (denoiser.py): a forward or LM-head
+call that raises fails its own jobs and the rest of the step goes on; out of memory leaves every
+job as it was and the step's jobs are retried as smaller groups, down to single jobs, and only a
+job that fails alone fails. If the loop itself dies, every job still held is answered.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import torch
 from server.engine.denoiser import DenoiseJob, Denoiser
 from server.engine.events import GenerationDone, GenerationStep, JobFailed, ScoringDone
 from server.engine.faults import FaultInjector
+from server.engine.hooks import ForwardHooks
 from server.engine.likelihood import Scorer, ScoringJob
 from server.engine.loader import LoadedModel
 from server.engine.model_info import ModelInfo
@@ -39,16 +43,17 @@ Sink = Callable[[object], None]
 class EngineSettings:
     max_batch_rows: int = 16
     max_queue: int = 64
-    max_padding_waste: float = 1.0
     inject_faults: str | None = None  # test only: see faults.py
 
 
 @dataclass(eq=False)
 class WorkItem:
-    engine_job: DenoiseJob | ScoringJob
     sink: Sink
     submitted: float
+    prompt_ids: list[int] | None = None  # generation: made into a DenoiseJob by the engine thread
+    params: SamplingParams | None = None
     report_steps: bool = False  # a JSON request needs only its final event
+    engine_job: DenoiseJob | ScoringJob | None = None
     started: float | None = None
 
 
@@ -58,12 +63,12 @@ class Engine:
     ):
         self.loaded = loaded
         self.info: ModelInfo = loaded.info
-        self.scheduler = Scheduler(settings.max_batch_rows, settings.max_queue, settings.max_padding_waste)
+        self.scheduler = Scheduler(settings.max_batch_rows, settings.max_queue)
         self.metrics = metrics or Metrics()
-        self.faults = FaultInjector(settings.inject_faults)
+        hooks = ForwardHooks(FaultInjector(settings.inject_faults), self.metrics)
+        self.denoiser = Denoiser(loaded, hooks)
+        self.scorer = Scorer(loaded, hooks)
         self.poll_s = poll_s
-        self.denoiser = Denoiser(loaded)
-        self.scorer = Scorer(loaded)
         self.death: str | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="llada-engine", daemon=True)
@@ -94,15 +99,14 @@ class Engine:
     def submit_generate(self, prompt_ids: list[int], params: SamplingParams, sink: Sink, report_steps: bool) -> str:
         """report_steps: send a GenerationStep per step (streams); otherwise only the final event,
         which spares the event loop a wake-up per step."""
-        engine_job = self.denoiser.new_job(prompt_ids, params)
         job = Job(
             JobKind.GENERATE,
-            length=len(engine_job.canvas),
+            length=len(prompt_ids) + params.gen_length,
             rows_per_unit=params.rows,
-            payload=WorkItem(engine_job, sink, time.monotonic(), report_steps),
+            payload=WorkItem(sink, time.monotonic(), list(prompt_ids), params, report_steps),
         )
-        if engine_job.finished:  # every answer position was pinned: nothing to denoise
-            sink(GenerationDone(engine_job.answer, 0, 0.0))
+        if len(params.constraints) == params.gen_length:  # every answer position is pinned
+            sink(GenerationDone([token for _, token in sorted(params.constraints)], 0, 0.0))
             return job.id
         return self._submit(job)
 
@@ -113,7 +117,7 @@ class Engine:
             length=max(len(a) + len(b) for a, b in pairs),
             rows_per_unit=params.rows_per_unit,
             units=engine_job.units,
-            payload=WorkItem(engine_job, sink, time.monotonic()),
+            payload=WorkItem(sink, time.monotonic(), engine_job=engine_job),
         )
         return self._submit(job)
 
@@ -143,7 +147,7 @@ class Engine:
         self._thread.join(timeout=30)
         self._fail_all("shutdown", "the server shut down before this request finished")
 
-    # ------------------------------------------------------------------ worker thread
+    # ------------------------------------------------------------------ engine thread
 
     def _run(self) -> None:
         try:
@@ -170,80 +174,85 @@ class Engine:
             if item.started is None:
                 item.started = now
                 self.metrics.queue_wait_seconds.observe(now - item.submitted)
-        self.metrics.batch_rows.observe(batch.rows)
+                if item.engine_job is None:  # made here, so the device is touched by this thread only
+                    item.engine_job = self.denoiser.new_job(item.prompt_ids, item.params, item.report_steps)
         if batch.kind is JobKind.GENERATE:
-            self._generate_step(batch.jobs)
+            self._generate(batch.jobs)
         else:
-            self._score_step(batch)
+            self._score([(job, batch.units[job.id]) for job in batch.jobs])
         if self.loaded.device.type == "cuda":
             self.metrics.observe_device_memory(torch.cuda.memory_allocated(), torch.cuda.memory_reserved())
 
-    def _forward(self, run: Callable[[], object]) -> object:
-        self.faults.before_forward()
-        start = time.perf_counter()
-        result = run()
-        elapsed = time.perf_counter() - start
-        self.metrics.forward_duration_seconds.observe(elapsed)
-        return result
+    def _generate(self, jobs: list[Job]) -> None:
+        groups = [jobs]
+        while groups:
+            group = groups.pop(0)
+            by_engine_job = {id(job.payload.engine_job): job for job in group}
+            try:
+                result = self.denoiser.step([job.payload.engine_job for job in group])
+            except torch.OutOfMemoryError:
+                if len(group) == 1:
+                    self._fail(group, "engine_error", "out of device memory for a single request")
+                    continue
+                log.warning("out of memory at %d jobs: retrying as two batches", len(group))
+                _release_cached_memory(self.loaded.device)
+                half = len(group) // 2
+                groups[:0] = [group[:half], group[half:]]
+                continue
+            for engine_jobs, exc in result.failed:
+                failed = [by_engine_job[id(j)] for j in engine_jobs]
+                self._fail(failed, "engine_error", f"the forward pass failed: {type(exc).__name__}: {exc}")
+            self._deliver(result.events, by_engine_job)
 
-    def _generate_step(self, jobs: list[Job]) -> None:
-        engine_jobs = [job.payload.engine_job for job in jobs]
-        before = [j.steps_done for j in engine_jobs]
-        try:
-            events = self._forward(lambda: self.denoiser.step(engine_jobs))
-        except torch.OutOfMemoryError:
-            # Retry the jobs that did not advance, as two smaller batches.
-            left = [job for job, j, b in zip(jobs, engine_jobs, before) if j.steps_done == b]
-            if len(left) <= 1:
-                self._fail(left, "engine_error", "out of device memory for a single request")
-                return
-            log.warning("out of memory at %d jobs: retrying as two batches", len(left))
-            _release_cached_memory(self.loaded.device)
-            half = len(left) // 2
-            self._generate_step(left[:half])
-            self._generate_step(left[half:])
-            return
-        except Exception as exc:
-            self._fail(jobs, "engine_error", f"the forward pass failed: {type(exc).__name__}: {exc}")
-            return
+    def _deliver(self, events, by_engine_job: dict[int, Job]) -> None:
         now = time.monotonic()
-        for job, event in zip(jobs, events):
+        for event in events:
+            job = by_engine_job[id(event.job)]
             item: WorkItem = job.payload
             if event.step == 1:
                 self.metrics.time_to_first_step_seconds.observe(now - item.submitted)
             if item.report_steps:
                 item.sink(GenerationStep(event.step, event.block, event.reveals, event.masked))
-            self.metrics.generated_tokens_total.inc(len(event.reveals))
+            self.metrics.generated_tokens_total.inc(event.revealed)
             if event.finished:
                 self.scheduler.finish(job.id)
                 item.sink(GenerationDone(event.job.answer, event.step, item.started - item.submitted))
         self.metrics.denoise_steps_total.inc(len(events))
 
-    def _score_step(self, batch: Batch) -> None:
-        work = [(job.payload.engine_job, batch.units[job.id]) for job in batch.jobs]
-        try:
-            self._forward(lambda: self.scorer.step(work))
-        except torch.OutOfMemoryError:
-            if sum(units for _, units in work) <= 1:
-                self._fail(batch.jobs, "engine_error", "out of device memory for a single scoring row")
-                return
-            log.warning("out of memory at %d scoring rows: retrying with half", batch.rows)
-            _release_cached_memory(self.loaded.device)
-            halved = {job.id: max(1, units // 2) for job, (_, units) in zip(batch.jobs, work)}
-            self._score_step(Batch(batch.kind, batch.jobs, halved, batch.rows // 2, batch.padded_length))
-            return
-        except Exception as exc:
-            self._fail(batch.jobs, "engine_error", f"the forward pass failed: {type(exc).__name__}: {exc}")
-            return
-        for job in batch.jobs:
-            item: WorkItem = job.payload
-            scoring: ScoringJob = item.engine_job
-            self.metrics.loglikelihood_samples_total.inc(batch.units[job.id])
-            if scoring.finished:
-                self.scheduler.finish(job.id)
-                item.sink(ScoringDone(scoring.results, scoring.rows_done, item.started - item.submitted))
-            else:
-                self.scheduler.update_units(job.id, scoring.units)
+    def _score(self, work: list[tuple[Job, int]]) -> None:
+        groups = [work]
+        while groups:
+            group = groups.pop(0)
+            scoring = {id(job.payload.engine_job): job for job, _ in group}
+            before = {job.id: job.payload.engine_job.rows_done for job, _ in group}
+            try:
+                result = self.scorer.step([(job.payload.engine_job, units) for job, units in group])
+            except torch.OutOfMemoryError:
+                if len(group) == 1 and group[0][1] == 1:
+                    self._fail([group[0][0]], "engine_error", "out of device memory for a single scoring row")
+                    continue
+                log.warning("out of memory at %d scoring rows: retrying with half", sum(u for _, u in group))
+                _release_cached_memory(self.loaded.device)
+                if len(group) > 1:
+                    half = len(group) // 2
+                    groups[:0] = [group[:half], group[half:]]
+                else:  # one job: fewer of its units now, the rest in later steps
+                    groups.insert(0, [(group[0][0], group[0][1] // 2)])
+                continue
+            failed = {id(job) for jobs, _ in result.failed for job in jobs}
+            for jobs, exc in result.failed:
+                self._fail([scoring[id(j)] for j in jobs], "engine_error", f"the forward pass failed: {exc}")
+            for job, _ in group:
+                engine_job: ScoringJob = job.payload.engine_job
+                if id(engine_job) in failed:
+                    continue
+                self.metrics.loglikelihood_samples_total.inc(engine_job.rows_done - before[job.id])
+                if engine_job.finished:
+                    self.scheduler.finish(job.id)
+                    item: WorkItem = job.payload
+                    item.sink(ScoringDone(engine_job.results, engine_job.rows_done, item.started - item.submitted))
+                else:
+                    self.scheduler.update_units(job.id, engine_job.units)
 
     def _fail(self, jobs: list[Job], code: str, message: str) -> None:
         log.error("%s: failing %d job(s): %s", code, len(jobs), message)

@@ -3,7 +3,11 @@ requests.
 
 A scoring job turns each (prefix, target) pair into rows of work: MC rows (a noisy copy of the
 sequence with some target positions masked) and, if asked, one greedy row per pair per forward.
-Rows of any jobs share forwards, and the LM head runs only on the masked positions.
+Rows of any jobs share forwards (padding.forward_rows) and one LM-head call per HEAD_ROWS
+positions, which runs only on the masked positions; the results are read back once per step.
+
+A step is a transaction, as the denoiser's: rows are taken from the jobs, and results written
+into them only once every row's numbers are back; a step that raises gives the rows back.
 
 Group sizes: mc_num samples are drawn in ceil(mc_num / batch_size) stratified groups as equal as
 possible (the reference needs mc_num to be a multiple of batch_size). A one-token target makes
@@ -21,27 +25,35 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from server.engine.choice import guide
 from server.engine.events import ScoreResult
+from server.engine.forwards import Work, index, run_step, unconditional
+from server.engine.hooks import ForwardHooks
 from server.engine.loader import LoadedModel
-from server.engine.padding import MAX_PADDING_WASTE, hidden_at, unconditional
-from server.engine.sampling import cfg_combine, select_top, spread
+from server.engine.sampling import spread
 from server.engine.sampling_params import ScoreParams
+
+# Most masked positions whose logits are computed in one LM-head call (see denoiser.HEAD_ROWS).
+HEAD_ROWS = 512
 
 
 @dataclass
 class McRow:
     pair: int
-    ids: torch.Tensor
-    positions: torch.Tensor  # masked target positions, absolute
-    targets: torch.Tensor  # the true tokens at those positions
+    ids: list[int]
+    positions: list[int]  # masked target positions, absolute
+    targets: list[int]  # the true tokens at those positions
     weight: float  # this row's share of the estimate: (L / masked) / (group size * groups)
 
 
 @dataclass
 class GreedyState:
     pair: int
-    canvas: torch.Tensor
-    target: torch.Tensor  # absolute-position targets for the answer span
+    canvas: list[int]
+    start: int  # the answer's first position
+
+    def masked(self, mask_id: int) -> list[int]:
+        return [p for p in range(self.start, len(self.canvas)) if self.canvas[p] == mask_id]
 
 
 @dataclass(eq=False)
@@ -58,16 +70,14 @@ class ScoringJob:
         # Masks are drawn on the CPU: cheap, and the same on every device.
         self.generator = torch.Generator().manual_seed(seed)
         self.loglikelihoods = [0.0] * len(self.pairs)
-        self.is_greedy = [None] * len(self.pairs)
+        self.is_greedy = [True if self.params.greedy else None] * len(self.pairs)
         self._mc_rows: Iterator[McRow] = self._draw_mc_rows()
-        self._returned: list[McRow] = []  # rows of a forward that failed, to run again
+        self._returned: list[McRow] = []  # rows of a step that failed, to run again
         self.mc_left = sum(sum(self.group_sizes(len(target))) for _, target in self.pairs)
         self.greedy: list[GreedyState] = []
         if self.params.greedy:
             for i, (prefix, target) in enumerate(self.pairs):
-                canvas = torch.tensor(prefix + [self.mask_id] * len(target), dtype=torch.long)
-                self.greedy.append(GreedyState(i, canvas, torch.tensor(target, dtype=torch.long)))
-                self.is_greedy[i] = True
+                self.greedy.append(GreedyState(i, prefix + [self.mask_id] * len(target), len(prefix)))
 
     def group_sizes(self, target_len: int) -> list[int]:
         if target_len == 1:
@@ -78,17 +88,19 @@ class ScoringJob:
     def _draw_mc_rows(self) -> Iterator[McRow]:
         g = self.generator
         for pair, (prefix, target) in enumerate(self.pairs):
-            seq = torch.tensor(prefix + target, dtype=torch.long)
+            seq = prefix + target
             length = len(target)
             sizes = self.group_sizes(length)
             for size in sizes:
                 k = int(torch.randint(1, length + 1, (), generator=g))
                 counts = torch.round(torch.linspace(float(k), k + (size - 1) * (length / size), size)).long()
                 for count in ((counts - 1) % length + 1).tolist():
-                    positions = torch.randperm(length, generator=g)[:count].sort().values + len(prefix)
-                    noisy = seq.clone()
-                    noisy[positions] = self.mask_id
-                    yield McRow(pair, noisy, positions, seq[positions], (length / count) / (size * len(sizes)))
+                    positions = (torch.randperm(length, generator=g)[:count].sort().values + len(prefix)).tolist()
+                    noisy = list(seq)
+                    for p in positions:
+                        noisy[p] = self.mask_id
+                    weight = (length / count) / (size * len(sizes))
+                    yield McRow(pair, noisy, positions, [seq[p] for p in positions], weight)
 
     @property
     def results(self) -> list[ScoreResult]:
@@ -116,67 +128,113 @@ class ScoringJob:
         self.mc_left += len(mc)
 
 
+@dataclass
+class ScoreStep:
+    rows: int  # forward rows that ran (a CFG unit is two)
+    failed: list[tuple[list[ScoringJob], Exception]]  # jobs whose forward or head raised, and why
+
+
 class Scorer:
-    def __init__(self, loaded: LoadedModel):
+    def __init__(self, loaded: LoadedModel, hooks: ForwardHooks | None = None):
         self.model = loaded.model
         self.mask_id = loaded.special.mask
         self.pad_id = loaded.special.eos
+        self.hooks = hooks or ForwardHooks()
 
     def new_job(self, pairs: list[tuple[list[int], list[int]]], params: ScoreParams) -> ScoringJob:
         return ScoringJob(pairs, params, self.mask_id)
 
     @torch.inference_mode()
-    def step(self, work: list[tuple[ScoringJob, int]]) -> int:
-        """One forward over the given units of each job; returns the rows run."""
-        plan = [(job, *job.take(units)) for job, units in work]
-        rows, positions = [], []
-        for job, greedy, mc in plan:
-            for item in [*greedy, *mc]:
-                seq = item.canvas if isinstance(item, GreedyState) else item.ids
-                where = (seq == self.mask_id).nonzero().squeeze(-1) if isinstance(item, GreedyState) else item.positions
-                rows.append(seq)
-                positions.append(where.to(self.model.device))
-                if job.params.cfg_scale > 0:
-                    rows.append(unconditional(seq, len(job.pairs[item.pair][0]), self.mask_id))
-                    positions.append(positions[-1])
+    def step(self, work: list[tuple[ScoringJob, int]]) -> ScoreStep:
+        """One step's worth of the given units of each job: rows taken now, results written once
+        every row's numbers are back."""
+        self.hooks.step_started()
+        taken = [(job, *job.take(units)) for job, units in work]
+        works, rows_of = [], {}
+        for job, greedy, mc in taken:
+            for row in [*greedy, *mc]:
+                tokens = row.canvas if isinstance(row, GreedyState) else row.ids
+                positions = row.masked(self.mask_id) if isinstance(row, GreedyState) else row.positions
+                prompt_len = len(job.pairs[row.pair][0])
+                uncond = unconditional(tokens, prompt_len, self.mask_id) if job.params.cfg_scale > 0 else None
+                works.append(Work(job, tokens, positions, uncond))
+                rows_of[id(works[-1])] = row
         try:
-            selected = iter(hidden_at(self.model, rows, positions, self.pad_id, MAX_PADDING_WASTE))
+            outcome = run_step(
+                self.model,
+                works,
+                self.pad_id,
+                self.hooks,
+                HEAD_ROWS,
+                lambda logits, chunk: self._decide(logits, chunk, rows_of),
+            )
         except BaseException:
-            for job, _, mc in plan:
+            for job, _, mc in taken:
                 job.give_back(mc)
             raise
-        for job, greedy, mc in plan:
-            for state in greedy:
-                self._greedy_update(job, state, self._logits(job, selected))
-            for mc_row in mc:
-                self._mc_update(job, mc_row, self._logits(job, selected))
-            job.greedy = [s for s in job.greedy if job.is_greedy[s.pair] and (s.canvas == self.mask_id).any()]
-            job.rows_done += len(greedy) + len(mc)
-        return len(rows)
+        finally:
+            self.hooks.step_finished()
+        for w in works:
+            if id(w) in outcome.values:
+                self._commit(w, rows_of[id(w)], outcome.values[id(w)])
+        failed = {id(job) for jobs, _ in outcome.failed for job in jobs}
+        ran = 0
+        for job, greedy, mc in taken:
+            if id(job) not in failed:
+                job.greedy = [s for s in job.greedy if job.is_greedy[s.pair] and self.mask_id in s.canvas]
+                job.rows_done += len(greedy) + len(mc)
+                ran += job.params.rows_per_unit * (len(greedy) + len(mc))
+        return ScoreStep(ran, outcome.failed)
 
-    def _logits(self, job: ScoringJob, selected: Iterator[torch.Tensor]) -> torch.Tensor:
-        """The next row's logits at its positions, guided by its unconditional row under CFG."""
-        if job.params.cfg_scale > 0:
-            return cfg_combine(
-                self.model.logits(next(selected)), self.model.logits(next(selected)), job.params.cfg_scale
+    def _decide(self, logits: torch.Tensor, chunk: list[Work], rows_of: dict[int, McRow | GreedyState]) -> torch.Tensor:
+        """[works, 2] float64: an MC row's loss (and 0), a greedy row's most confident masked
+        index and its token."""
+        device = logits.device
+        starts, n = [], 0
+        for work in chunk:
+            starts.append(n)
+            n += len(work.positions)
+        cond = logits[:n]
+        guided = [(work, start) for work, start in zip(chunk, starts) if work.uncond is not None]
+        if guided:
+            rows = [start + r for work, start in guided for r in range(len(work.positions))]
+            factors = [work.owner.params.cfg_scale + 1.0 for work, _ in guided for _ in work.positions]
+            guide(cond, logits[n:], rows, factors)
+        out = torch.zeros((len(chunk), 2), dtype=torch.float64, device=device)
+        mc = [i for i, work in enumerate(chunk) if isinstance(rows_of[id(work)], McRow)]
+        if mc:
+            rows = index([starts[i] + r for i in mc for r in range(len(chunk[i].positions))], device)
+            targets = index([t for i in mc for t in rows_of[id(chunk[i])].targets], device)
+            owner = index([i for i in mc for _ in chunk[i].positions], device)
+            loss = F.cross_entropy(cond.index_select(0, rows), targets, reduction="none").double()
+            out[:, 0].index_add_(0, owner, loss)
+        greedy = [i for i, work in enumerate(chunk) if isinstance(rows_of[id(work)], GreedyState)]
+        if greedy:
+            # the single most confident masked position; argmax ties go to the lower position
+            width = max(len(chunk[i].positions) for i in greedy)
+            picked = cond.index_select(
+                0, index([starts[i] + r for i in greedy for r in range(len(chunk[i].positions))], device)
             )
-        return self.model.logits(next(selected))
+            tokens = picked.argmax(-1)
+            confidence = torch.softmax(picked, -1).gather(-1, tokens[:, None]).squeeze(-1)
+            slot = index([g * width + r for g, i in enumerate(greedy) for r in range(len(chunk[i].positions))], device)
+            ranked = torch.full((len(greedy) * width,), float("-inf"), device=device)
+            best = ranked.index_copy_(0, slot, confidence).view(len(greedy), width).argmax(-1)
+            by_slot = torch.zeros(len(greedy) * width, dtype=torch.long, device=device).index_copy_(0, slot, tokens)
+            best_token = by_slot.view(len(greedy), width).gather(1, best[:, None]).squeeze(1)
+            out.index_copy_(0, index(greedy, device), torch.stack([best, best_token], dim=1).double())
+        return out
 
-    def _mc_update(self, job: ScoringJob, mc_row: McRow, logits: torch.Tensor) -> None:
-        loss = F.cross_entropy(logits, mc_row.targets.to(logits.device), reduction="sum").item()
-        job.loglikelihoods[mc_row.pair] -= loss * mc_row.weight
-
-    def _greedy_update(self, job: ScoringJob, state: GreedyState, logits: torch.Tensor) -> None:
-        """Reveal the single most confident masked position; a wrong token settles it as False."""
-        positions = (state.canvas == self.mask_id).nonzero().squeeze(-1)
-        tokens = logits.argmax(-1)
-        confidence = torch.softmax(logits, -1).gather(-1, tokens[:, None]).squeeze(-1)
-        best = int(select_top(confidence, 1)[0])
-        position, token = int(positions[best]), int(tokens[best])
-        state.canvas[position] = token
-        prefix_len = len(job.pairs[state.pair][0])
-        if token != int(state.target[position - prefix_len]):
-            job.is_greedy[state.pair] = False
+    def _commit(self, work: Work, row: McRow | GreedyState, value: list[float]) -> None:
+        job: ScoringJob = work.owner
+        if isinstance(row, McRow):
+            job.loglikelihoods[row.pair] -= value[0] * row.weight
+            return
+        position, token = work.positions[int(value[0])], int(value[1])
+        row.canvas[position] = token
+        prefix, target = job.pairs[row.pair]
+        if token != target[position - len(prefix)]:
+            job.is_greedy[row.pair] = False
 
 
 def score_pairs(
@@ -186,5 +244,7 @@ def score_pairs(
     scorer = Scorer(loaded)
     job = scorer.new_job(pairs, params)
     while not job.finished:
-        scorer.step([(job, max(1, max_rows // params.rows_per_unit))])
+        result = scorer.step([(job, max(1, max_rows // params.rows_per_unit))])
+        if result.failed:
+            raise result.failed[0][1]
     return job.results

@@ -4,25 +4,25 @@ Module names mirror the checkpoint's tensor names (`model.transformer.blocks.{i}
 so a state dict loads without renaming. `forward` returns the last hidden states; `logits` applies
 the final norm and LM head to just the positions the caller needs, which is what keeps the
 vocabulary-sized work off the positions that cannot be revealed.
+
+A forward may read and write a KV cache (`KVBatch`, see kv_cache.py): rows then carry explicit
+absolute positions for RoPE, write their keys and values into cache slots, and attend to the keys
+and values their slots hold. Without one, each row's positions are 0..len-1 and it attends to
+itself only: the exact path.
 """
 
 from __future__ import annotations
 
-import contextlib
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from server.engine.model_config import ModelConfig
 
-# On CUDA one attention kernel serves padded rows (key mask) and unpadded ones alike, so a row
-# computes the same numbers in any batch: flash attention takes no mask, and cuDNN's, which
-# PyTorch prefers on recent GPUs, also builds a graph for every new shape (75 ms median, 0.9 s
-# worst on an H200), and a server sees new lengths all the time. CPU keeps PyTorch's choice,
-# batch-invariant as is.
-CUDA_ATTENTION = [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+if TYPE_CHECKING:
+    from server.engine.kv_cache import KVBatch
 
 
 class RMSNorm(nn.Module):
@@ -67,13 +67,23 @@ class LLaDABlock(nn.Module):
         self.up_proj = nn.Linear(d, config.mlp_hidden_size, bias=False)
         self.ff_out = nn.Linear(config.mlp_hidden_size, d, bias=False)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        mask: torch.Tensor | None,
+        cache: KVBatch | None = None,
+        layer: int = 0,
+    ) -> torch.Tensor:
         batch, length, _ = x.shape
         h = self.attn_norm(x)
         q = self.q_proj(h).view(batch, length, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(h).view(batch, length, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(h).view(batch, length, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if cache is not None:
+            k, v = cache.attend(layer, k, v)
         attn = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=False, enable_gqa=self.n_kv_heads != self.n_heads
         )
@@ -102,6 +112,7 @@ class LLaDAModel(nn.Module):
         super().__init__()
         self.config = config
         self.model = _Backbone(config)
+        self._rotary: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @property
     def device(self) -> torch.device:
@@ -111,20 +122,33 @@ class LLaDAModel(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.model.transformer.wte.weight.dtype
 
-    def forward(self, input_ids: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def rotary(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin for every position up to max_sequence_length, fp32 on the model's device:
+        made once (weights load on the meta device first, so not in __init__)."""
+        if self._rotary is None or self._rotary[0].device != self.device:
+            c = self.config
+            self._rotary = rotary_tables(c.head_dim, c.max_sequence_length, c.rope_theta, self.device)
+        return self._rotary
+
+    def forward(
+        self, input_ids: torch.Tensor, key_mask: torch.Tensor | None = None, cache: KVBatch | None = None
+    ) -> torch.Tensor:
         """Hidden states [batch, length, d_model] before the final norm.
 
-        key_mask [batch, length] is True for real tokens; padded keys are excluded from
-        attention. Each row's positions count from 0, so right-padded rows compute what they
-        would compute alone.
+        key_mask: None when every key is real, else a bool mask broadcastable to
+        [batch, heads, queries, keys], True on real keys (the caller knows the lengths; nothing is
+        read back from the device here). Without a cache each row's positions count from 0, so
+        right-padded rows compute what they would compute alone.
         """
         t = self.model.transformer
         x = t.wte(input_ids)
-        cos, sin = rotary_tables(self.config.head_dim, input_ids.shape[1], self.config.rope_theta, x.device)
-        mask = None if key_mask is None or bool(key_mask.all()) else key_mask[:, None, None, :]
-        with sdpa_kernel(CUDA_ATTENTION) if x.is_cuda else contextlib.nullcontext():
-            for block in t.blocks:
-                x = block(x, cos, sin, mask)
+        cos, sin = self.rotary()
+        if cache is None:
+            cos, sin = cos[: input_ids.shape[1]], sin[: input_ids.shape[1]]
+        else:
+            cos, sin = cos[cache.positions][:, None], sin[cache.positions][:, None]
+        for layer, block in enumerate(t.blocks):
+            x = block(x, cos, sin, key_mask, cache, layer)
         return x
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -133,4 +157,6 @@ class LLaDAModel(nn.Module):
         return t.ff_out(t.ln_f(hidden)).float()
 
     def full_logits(self, input_ids: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
-        return self.logits(self(input_ids, key_mask))
+        """Logits at every position; key_mask [batch, length] True on real tokens (tests, benches)."""
+        mask = None if key_mask is None else key_mask[:, None, None, :]
+        return self.logits(self(input_ids, mask))

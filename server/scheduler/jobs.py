@@ -50,21 +50,13 @@ class Job:
 
 @dataclass
 class Batch:
-    """The jobs that share one forward pass, and how many units each one gets in it."""
+    """The jobs that share one step, and how many units each one gets in it (the engine turns
+    the step into forwards)."""
 
     kind: JobKind
     jobs: list[Job]
     units: dict[str, int]
     rows: int
-    padded_length: int
-
-    @property
-    def padding_waste(self) -> float:
-        """Share of the forward's token positions that are padding (0.0 = none)."""
-        if self.rows == 0 or self.padded_length == 0:
-            return 0.0
-        real = sum(self.units[j.id] * j.rows_per_unit * j.length for j in self.jobs)
-        return 1.0 - real / (self.rows * self.padded_length)
 
 
 class QueueFull(Exception):

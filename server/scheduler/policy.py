@@ -1,4 +1,4 @@
-"""Batching policy: pure functions that decide admission and which jobs share a forward.
+"""Batching policy: pure functions that decide admission and which jobs share a step.
 
 No state and no locks here, so each rule is unit-testable on its own; ``Scheduler`` keeps the
 state (who is running, in what priority order, which kind ran last) and calls these.
@@ -11,20 +11,16 @@ Rules, and why they cannot starve anyone:
   never share a forward and each has its own row budget, so a score job queued behind a
   generate job that cannot fit yet takes nothing from it.
 * Generate capacity: a generate job is admitted only while the running generate jobs' rows
-  stay <= ``max_rows``. Therefore all running generate jobs always fit into one forward by row
-  count, and when padding allows it they all step every iteration.
+  stay <= ``max_rows``. Therefore all running generate jobs always fit into one step by row
+  count, and they all step every iteration.
 * Score capacity: score work is time-sliced by units, so a score job is admitted while the
   running score jobs' outstanding rows leave room in the next score forward. That keeps just
   enough score jobs running to fill a forward and leaves the rest visible as queue depth
   (and therefore subject to the bound and to 429).
-* Padding: rows of different lengths are padded to the longest in the forward. If the whole
-  running generate set would waste more than ``max_waste`` of the forward's token positions,
-  the forward is built around the most overdue job (the *anchor*, always included) and filled
-  with same-length jobs first, then the nearest lengths, while waste stays within the bound.
-  The caller rotates stepped jobs to the back of the priority order, so every running job
-  becomes the anchor within (number of running jobs) generate forwards.
+* Padding is not decided here: the engine splits a step's rows into forwards of similar
+  length (server/engine/padding.py), so every running generate job steps every iteration.
 * Kinds alternate (round-robin) when both have work, so a flood of either kind gets at most
-  every other forward.
+  every other step.
 """
 
 from __future__ import annotations
@@ -32,28 +28,6 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 
 from .jobs import Job, JobKind
-
-# Waste is a ratio of integers; this absorbs float rounding when it lands exactly on the bound.
-_EPS = 1e-9
-
-
-def padding_waste(entries: Iterable[tuple[Job, int]]) -> float:
-    """1 - real tokens / (rows * padded_length) for ``(job, units)`` pairs sharing a forward."""
-    real = rows = padded = 0
-    for job, units in entries:
-        n = units * job.rows_per_unit
-        if n <= 0:
-            continue
-        real += n * job.length
-        rows += n
-        padded = max(padded, job.length)
-    if rows == 0:
-        return 0.0
-    return 1.0 - real / (rows * padded)
-
-
-def _waste(real: int, rows: int, padded: int) -> float:
-    return 1.0 - real / (rows * padded) if rows else 0.0
 
 
 def admit(waiting: Iterable[Job], generate_rows: int, score_rows: int, max_rows: int) -> list[Job]:
@@ -84,62 +58,22 @@ def admit(waiting: Iterable[Job], generate_rows: int, score_rows: int, max_rows:
     return admitted
 
 
-def select_generate(jobs: Sequence[Job], max_rows: int, max_waste: float) -> list[Job]:
-    """Choose the generate jobs that step in this forward.
-
-    ``jobs`` is in priority order, most overdue first; ``jobs[0]`` (the anchor) is always in
-    the result, which is what guarantees progress. Result keeps the priority order of ``jobs``.
-    """
-    if not jobs:
-        return []
-    # Common case first: everyone fits and padding is acceptable -> everyone steps.
-    total_rows = sum(j.rows_per_unit for j in jobs)
-    if total_rows <= max_rows and padding_waste((j, 1) for j in jobs) <= max_waste + _EPS:
-        return list(jobs)
-
-    anchor = jobs[0]
-    chosen = {anchor.id}
-    rows = anchor.rows_per_unit
-    real = anchor.rows_per_unit * anchor.length
-    padded = anchor.length
-    # Same length as the anchor first, then nearest lengths; sorted() is stable, so equal
-    # distances keep priority order (the more overdue job wins the tie).
-    for job in sorted(jobs[1:], key=lambda j: abs(j.length - anchor.length)):
-        n = job.rows_per_unit
-        if rows + n > max_rows:
-            continue
-        new_padded = max(padded, job.length)
-        new_real = real + n * job.length
-        if _waste(new_real, rows + n, new_padded) > max_waste + _EPS:
-            continue
-        chosen.add(job.id)
-        rows, real, padded = rows + n, new_real, new_padded
-    return [j for j in jobs if j.id in chosen]
-
-
-def pack_score(jobs: Sequence[Job], max_rows: int, max_waste: float) -> dict[str, int]:
+def pack_score(jobs: Sequence[Job], max_rows: int) -> dict[str, int]:
     """Grant score units FIFO up to ``max_rows`` rows: job id -> units in this forward.
 
-    The first job with work gets as many units as fit (it alone cannot waste padding). Later
-    jobs fill the remaining rows, each with the most units that keep padding within
-    ``max_waste``; a job granted fewer units than it has simply continues in a later forward.
-    Jobs with no units left (``units == 0``) are skipped.
+    The first job with work gets as many units as fit; later jobs fill the remaining rows, and a
+    job granted fewer units than it has simply continues in a later step. Jobs with no units left
+    (``units == 0``) are skipped.
     """
     grants: dict[str, int] = {}
-    rows = real = padded = 0
+    rows = 0
     for job in jobs:
         if job.cancelled or job.units <= 0:
             continue
         fit = min(job.units, (max_rows - rows) // job.rows_per_unit)
-        new_padded = max(padded, job.length)
-        # Adding shorter rows raises waste with every unit and adding rows at the new maximum
-        # lowers it, so scanning down from the most that fit finds the largest allowed grant.
-        for k in range(fit, 0, -1):
-            n = k * job.rows_per_unit
-            if not grants or _waste(real + n * job.length, rows + n, new_padded) <= max_waste + _EPS:
-                grants[job.id] = k
-                rows, real, padded = rows + n, real + n * job.length, new_padded
-                break
+        if fit > 0:
+            grants[job.id] = fit
+            rows += fit * job.rows_per_unit
         if rows >= max_rows:
             break
     return grants

@@ -11,16 +11,15 @@ at once, never block on the worker). The engine worker thread runs the loop::
             if scheduler.closed and not scheduler.pending():
                 break                                 # drained after close(): exit
             continue
-        run_forward(batch)                            # generate: one step per job;
+        run_step(batch)                               # generate: one step per job;
         for job in batch.jobs:                        # score: batch.units[job.id] rows each
             if done(job):
                 scheduler.finish(job.id)              # leaves at once, frees rows for the next step
             elif job.kind is JobKind.SCORE:
                 scheduler.update_units(job.id, remaining_rows(job))
 
-Iteration-level batching: a job admitted at one ``next_batch`` is in that very batch (if the
-padding rule lets it in; otherwise in one of the next few), and a finished job frees its rows
-for the next call. Work accepted before ``close()`` is still served, so a draining server
+Iteration-level batching: a job admitted at one ``next_batch`` is in that very batch, and a
+finished job frees its rows for the next call. Work accepted before ``close()`` is still served, so a draining server
 finishes in-flight requests.
 
 Over-sized jobs: ``submit`` rejects with ``ValueError`` a job whose ``rows_per_unit`` exceeds
@@ -45,16 +44,12 @@ class Scheduler:
         self,
         max_batch_rows: int,
         max_queue: int,
-        max_padding_waste: float = 0.25,
         *,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if max_batch_rows < 1:
             raise ValueError("max_batch_rows must be >= 1")
-        if not 0.0 <= max_padding_waste <= 1.0:
-            raise ValueError("max_padding_waste must be in [0, 1]")
         self.max_batch_rows = max_batch_rows
-        self.max_padding_waste = max_padding_waste
         self._clock = clock  # only for the Retry-After estimate; injectable for tests
 
         # One condition guards everything below: the state is small and every operation is
@@ -63,9 +58,7 @@ class Scheduler:
         self._waiting = AdmissionQueue(max_queue)
         self._departures = DepartureRate()
         self._running: dict[str, Job] = {}
-        # Running generate jobs in priority order (most overdue first); stepped jobs are moved
-        # to the back after each generate forward, which is the anti-starvation rotation.
-        self._running_generate: list[Job] = []
+        self._running_generate: list[Job] = []  # all of them step every generate iteration
         self._running_score: list[Job] = []  # admission order = FIFO unit packing
         self._seq: dict[str, int] = {}  # submit order, to hand jobs to the engine in a stable order
         self._counter = itertools.count()
@@ -272,19 +265,11 @@ class Scheduler:
         if kind is None:
             return None
         if kind is JobKind.GENERATE:
-            chosen = policy.select_generate(self._running_generate, self.max_batch_rows, self.max_padding_waste)
-            stepped = {j.id for j in chosen}
-            self._running_generate = [j for j in self._running_generate if j.id not in stepped] + chosen
+            chosen = list(self._running_generate)
             units = {j.id: 1 for j in chosen}
         else:
-            units = policy.pack_score(self._running_score, self.max_batch_rows, self.max_padding_waste)
+            units = policy.pack_score(self._running_score, self.max_batch_rows)
             chosen = [j for j in self._running_score if j.id in units]
         self._last_kind = kind
         jobs = sorted(chosen, key=lambda j: self._seq[j.id])
-        return Batch(
-            kind=kind,
-            jobs=jobs,
-            units=units,
-            rows=sum(units[j.id] * j.rows_per_unit for j in jobs),
-            padded_length=max(j.length for j in jobs),
-        )
+        return Batch(kind=kind, jobs=jobs, units=units, rows=sum(units[j.id] * j.rows_per_unit for j in jobs))

@@ -82,8 +82,9 @@ def test_a_grace_period_that_runs_out_ends_the_stream_with_an_error_and_exits_0(
     assert "grace period over" in server.logs()
 
 
-# Two prompt lengths and --max-padding-waste 0: the groups never share a forward, so forward 3
-# holds one group's running jobs only and the other group always survives, whatever the timing.
+# Two prompt lengths (18 and 38 tokens with the answer) whose padding together would waste over a
+# quarter of a forward: the engine runs each step as two forwards (server/engine/padding.py), so
+# forward 3 holds one length group's jobs only and the other group always survives.
 SHORT, LONG = "a" * 10, "b" * 30
 
 
@@ -112,8 +113,6 @@ def test_an_injected_forward_error_fails_exactly_that_batch(start_server, tiny_c
         str(tiny_checkpoint),
         "--inject-faults",
         "error@3",
-        "--max-padding-waste",
-        "0",
         "--shutdown-grace",
         "5",
     )

@@ -342,6 +342,9 @@ def test_cuda_device_turns_off_the_cublas_split_k_workspace(monkeypatch):
     assert "CUBLAS_WORKSPACE_CONFIG" not in os.environ
     assert resolve_device("cuda") == torch.device("cuda")
     assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":0:0"
+    # and attention runs on one kernel for padded and unpadded rows: neither flash nor cuDNN
+    assert not torch.backends.cuda.flash_sdp_enabled() and not torch.backends.cuda.cudnn_sdp_enabled()
+    assert torch.backends.cuda.mem_efficient_sdp_enabled()
     monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # the user's own setting stays
     resolve_device("cuda:0")
     assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"

@@ -5,16 +5,15 @@ from __future__ import annotations
 
 import itertools
 import math
-from types import SimpleNamespace
 
 import pytest
 import torch
 
 from server.engine import sampling
 from server.engine.demo import build_demo, demo_config
-from server.engine.denoiser import Denoiser, HeadPlan, generate_batch, head_groups
+from server.engine.denoiser import Denoiser, generate_batch
+from server.engine.forwards import Work, head_chunks, length_groups
 from server.engine.likelihood import ScoreParams, Scorer, ScoringJob, score_pairs
-from server.engine.padding import length_groups
 from server.engine.sampling_params import SamplingParams
 
 TINY = {"d_model": 32, "n_layers": 1, "n_heads": 2, "n_kv_heads": 1, "mlp_hidden_size": 64}
@@ -138,7 +137,7 @@ def run(demo, prompt, params: SamplingParams):
     job = denoiser.new_job(prompt, params)
     events, finished = [], []
     while not job.finished:
-        (event,) = denoiser.step([job])
+        (event,) = denoiser.step([job]).events
         events.append(event)
         finished.append(event.finished)  # read now: `finished` is the job's live state
     return job, events, finished
@@ -238,7 +237,7 @@ def test_lm_head_runs_only_on_block_candidates(demo, prompt, monkeypatch, cfg_sc
         expected = []
         for job in running:
             start, end = job.blocks[job.block]
-            candidates = int((job.canvas[start:end] == MASK).sum())
+            candidates = job.canvas[start:end].count(MASK)
             assert 0 < candidates <= job.params.block_length
             expected += [candidates] * job.rows
         calls.clear()
@@ -263,7 +262,7 @@ def test_row_counts_follow_group_sizes(demo, prompt):
     scorer, forwards, rows = Scorer(demo), 0, 0
     job = scorer.new_job(pairs, params)
     while not job.finished:
-        rows += scorer.step([(job, 4)])
+        rows += scorer.step([(job, 4)]).rows
         forwards += 1
     assert rows == job.rows_done == 11 and forwards == 3
     # CFG doubles the rows of each unit.
@@ -271,7 +270,7 @@ def test_row_counts_follow_group_sizes(demo, prompt):
     job = scorer.new_job(pairs, ScoreParams(mc_num=10, batch_size=4, seed=0, cfg_scale=1.0))
     rows = 0
     while not job.finished:
-        rows += scorer.step([(job, 4)])
+        rows += scorer.step([(job, 4)]).rows
     assert rows == 22 and job.rows_done == 11
 
 
@@ -282,8 +281,9 @@ def test_mc_row_weights_make_an_unbiased_average():
     for row in rows:
         count = len(row.positions)
         assert 1 <= count <= 5
-        assert bool((row.ids[row.positions] == MASK).all()) and bool((row.ids[:3] == torch.tensor([1, 2, 3])).all())
-        assert int((row.ids == MASK).sum()) == count
+        assert all(row.ids[p] == MASK for p in row.positions) and row.ids[:3] == [1, 2, 3]
+        assert row.ids.count(MASK) == count
+        assert row.targets == [[1, 2, 3, 4, 5, 6, 7, 8][p] for p in row.positions]
     # Each weight is (L / masked) / (group size * groups): weight * masked / L sums to 1.
     assert math.isclose(sum(r.weight * len(r.positions) / 5 for r in rows), 1.0)
 
@@ -329,13 +329,13 @@ def test_greedy_check(demo, prompt):
     assert plain.is_greedy is None
 
 
-def test_head_groups_bound_the_rows_of_one_lm_head_call():
-    one_row = SimpleNamespace(rows=1)
-    plans = [HeadPlan(job=one_row, candidates=torch.arange(n), first_row=0) for n in (300, 200, 100, 600, 5)]
-    groups = head_groups(plans, 512)
-    assert [[p.size for p in g] for g in groups] == [[300, 200], [100], [600], [5]]
-    cfg_job = SimpleNamespace(rows=2)  # a CFG job puts its candidates through twice
-    assert HeadPlan(job=cfg_job, candidates=torch.arange(7), first_row=0).size == 14
+def test_head_chunks_bound_the_rows_of_one_lm_head_call():
+    works = [Work(None, [0], list(range(n))) for n in (300, 200, 100, 600, 5)]
+    chunks = head_chunks(works, 512)
+    assert [[len(w.positions) for w in c] for c in chunks] == [[300, 200], [100], [600], [5]]
+    # a CFG job puts its candidates through twice
+    guided = [Work(None, [0], list(range(200)), uncond=[0]), Work(None, [0], list(range(200)))]
+    assert [len(c) for c in head_chunks(guided, 512)] == [1, 1]
 
 
 @pytest.mark.parametrize(

@@ -49,14 +49,11 @@ def check_batch(batch: Batch, sched: Scheduler) -> None:
     assert all(j.kind is batch.kind for j in batch.jobs)
     assert batch.rows == sum(batch.units[j.id] * j.rows_per_unit for j in batch.jobs)
     assert batch.rows <= sched.max_batch_rows
-    assert batch.padded_length == max(j.length for j in batch.jobs)
     assert all(u >= 1 for u in batch.units.values())
     if batch.kind is G:
         assert all(batch.units[j.id] == 1 for j in batch.jobs)
     else:
         assert all(batch.units[j.id] <= j.units for j in batch.jobs)
-    if len(batch.jobs) > 1:
-        assert batch.padding_waste <= sched.max_padding_waste + 1e-9
 
 
 # --------------------------------------------------------------------------- admission
@@ -150,8 +147,6 @@ def test_constructor_validates() -> None:
         Scheduler(max_batch_rows=0, max_queue=1)
     with pytest.raises(ValueError):
         Scheduler(max_batch_rows=1, max_queue=0)
-    with pytest.raises(ValueError):
-        Scheduler(max_batch_rows=1, max_queue=1, max_padding_waste=1.5)
 
 
 # --------------------------------------------------------------------------- join / leave
@@ -256,86 +251,33 @@ def test_admit_policy_is_fifo_per_kind() -> None:
     assert [j.id for j in got] == ["a"]
 
 
-# --------------------------------------------------------------------------- padding / grouping
+# --------------------------------------------------------------------------- which jobs step
 
 
-def test_padding_waste() -> None:
-    assert policy.padding_waste([]) == 0.0
-    assert policy.padding_waste([(gen(100), 1), (gen(100), 1)]) == 0.0
-    assert policy.padding_waste([(gen(100), 1), (gen(50), 1)]) == pytest.approx(0.25)
-    # CFG rows count twice: 2*50 + 100 real of 3*100 positions.
-    assert policy.padding_waste([(gen(100), 1), (gen(50, cfg=True), 1)]) == pytest.approx(1 / 3)
-
-
-def test_select_generate_groups_same_length_first() -> None:
-    a, b, c, d = gen(100, name="a"), gen(500, name="b"), gen(100, name="c"), gen(500, name="d")
-    # Any 100/500 mix wastes > 0.25 (best: 500, 500, 100 -> 1 - 1100/1500), so lengths split.
-    assert [j.id for j in policy.select_generate([a, b, c, d], 8, 0.25)] == ["a", "c"]
-    assert [j.id for j in policy.select_generate([b, c, d, a], 8, 0.25)] == ["b", "d"]
-
-
-def test_select_generate_mixes_lengths_within_the_bound() -> None:
-    a, b, c = gen(100, name="a"), gen(80, name="b"), gen(400, name="c")
-    # a+b waste = 1 - 180/200 = 0.1 <= 0.25; adding c would be 1 - 580/1200.
-    assert [j.id for j in policy.select_generate([a, b, c], 8, 0.25)] == ["a", "b"]
-    # With no padding limit everyone fits into one forward.
-    assert len(policy.select_generate([a, b, c], 8, 1.0)) == 3
-    # The bound is inclusive: 100 and 50 waste exactly 0.25.
-    assert len(policy.select_generate([gen(100), gen(50)], 8, 0.25)) == 2
-
-
-def test_select_generate_respects_row_cap_and_keeps_anchor() -> None:
-    jobs = [gen(10, cfg=True, name=f"j{i}") for i in range(5)]
-    got = policy.select_generate(jobs[2:] + jobs[:2], 4, 0.25)
-    assert [j.id for j in got] == ["j2", "j3"]
-
-
-def test_scheduler_alternates_groups_of_different_lengths() -> None:
-    sched = Scheduler(max_batch_rows=8, max_queue=8, max_padding_waste=0.25)
+def test_every_running_generate_job_steps_whatever_its_length() -> None:
+    # Padding is the engine's decision (it splits a step into forwards by length), not the
+    # scheduler's: jobs of very different lengths share every step.
+    sched = Scheduler(max_batch_rows=8, max_queue=8)
     for name, length in [("a", 100), ("b", 500), ("c", 100), ("d", 500)]:
         sched.submit(gen(length, name=name))
-    seen = []
-    for _ in range(6):
+    for _ in range(3):
         batch = sched.next_batch(0)
         check_batch(batch, sched)
-        seen.append(ids(batch))
-    assert seen == [["a", "c"], ["b", "d"]] * 3
-
-
-jobs_strategy = st.lists(
-    st.tuples(st.sampled_from([8, 16, 17, 32, 64, 100, 128, 512]), st.booleans()),
-    min_size=1,
-    max_size=12,
-)
-
-
-@settings(max_examples=200, deadline=None)
-@given(specs=jobs_strategy, max_rows=st.integers(2, 16), waste=st.sampled_from([0.0, 0.1, 0.25, 0.5, 1.0]))
-def test_select_generate_properties(specs: list[tuple[int, bool]], max_rows: int, waste: float) -> None:
-    jobs = [gen(length, cfg) for length, cfg in specs]
-    got = policy.select_generate(jobs, max_rows, waste)
-    assert got and got[0] is jobs[0]  # the anchor always steps
-    assert sum(j.rows_per_unit for j in got) <= max_rows
-    assert policy.padding_waste((j, 1) for j in got) <= waste + 1e-9
-    assert [j for j in jobs if j in got] == got  # priority order kept
-    if sum(j.rows_per_unit for j in jobs) <= max_rows and policy.padding_waste((j, 1) for j in jobs) <= waste:
-        assert got == jobs
+        assert ids(batch) == ["a", "b", "c", "d"]
 
 
 def test_pack_score_is_fifo_and_splits_units() -> None:
     s1, s2 = score(100, units=5, cfg=True, name="s1"), score(100, units=3, name="s2")
-    assert policy.pack_score([s1, s2], 8, 0.25) == {"s1": 4}
-    assert policy.pack_score([s1, s2], 12, 0.25) == {"s1": 5, "s2": 2}
+    assert policy.pack_score([s1, s2], 8) == {"s1": 4}
+    assert policy.pack_score([s1, s2], 12) == {"s1": 5, "s2": 2}
     idle = score(100, units=0, name="idle")
-    assert policy.pack_score([idle, s2], 8, 0.25) == {"s2": 3}
-    assert policy.pack_score([idle], 8, 0.25) == {}
-
-
-def test_pack_score_limits_padding() -> None:
-    long, short = score(100, units=2, name="long"), score(50, units=10, name="short")
-    # 2 rows of 100, then k rows of 50: waste = 50k / (100(2+k)) <= 0.25  ->  k <= 2.
-    assert policy.pack_score([long, short], 16, 0.25) == {"long": 2, "short": 2}
-    assert policy.pack_score([long, short], 16, 1.0) == {"long": 2, "short": 10}
+    assert policy.pack_score([idle, s2], 8) == {"s2": 3}
+    assert policy.pack_score([idle], 8) == {}
+    # rows of any length share a score step (the engine decides the forwards)
+    assert policy.pack_score([score(100, units=2, name="long"), score(50, units=10, name="short")], 16) == {
+        "long": 2,
+        "short": 10,
+    }
 
 
 @settings(max_examples=200, deadline=None)
@@ -346,15 +288,13 @@ def test_pack_score_limits_padding() -> None:
         max_size=8,
     ),
     max_rows=st.integers(2, 32),
-    waste=st.sampled_from([0.0, 0.25, 1.0]),
 )
-def test_pack_score_properties(specs: list[tuple[int, bool, int]], max_rows: int, waste: float) -> None:
+def test_pack_score_properties(specs: list[tuple[int, bool, int]], max_rows: int) -> None:
     jobs = [score(length, units=units, cfg=cfg) for length, cfg, units in specs]
-    grants = policy.pack_score(jobs, max_rows, waste)
+    grants = policy.pack_score(jobs, max_rows)
     by_id = {j.id: j for j in jobs}
     assert sum(k * by_id[i].rows_per_unit for i, k in grants.items()) <= max_rows
     assert all(1 <= k <= by_id[i].units for i, k in grants.items())
-    assert policy.padding_waste((by_id[i], k) for i, k in grants.items()) <= waste + 1e-9
     head = next((j for j in jobs if j.units > 0), None)
     if head is not None:  # the FIFO head gets all it has, or a full forward
         assert grants[head.id] == min(head.units, max_rows // head.rows_per_unit)
@@ -437,7 +377,7 @@ def test_zero_units_score_job_waits_for_update() -> None:
 def test_no_starvation_under_mixed_workload() -> None:
     rng = random.Random(1234)
     max_rows = 8
-    sched = Scheduler(max_batch_rows=max_rows, max_queue=1000, max_padding_waste=0.25)
+    sched = Scheduler(max_batch_rows=max_rows, max_queue=1000)
     work: dict[str, int] = {}
     kinds: dict[str, JobKind] = {}
     to_submit: list[Job] = []
@@ -484,8 +424,8 @@ def test_no_starvation_under_mixed_workload() -> None:
                 sched.update_units(job.id, work[job.id])
 
     assert stepped == finished == set(kinds)
-    # A running generate job is the anchor within (running jobs <= max_rows) generate forwards.
-    assert max_gap <= max_rows - 1
+    # A running generate job steps in every generate step.
+    assert max_gap == 0
     assert sched.queue_depth == sched.running == 0
 
 
@@ -537,7 +477,7 @@ def test_cancel_wakes_blocked_worker() -> None:
     s = score(units=0, name="s")  # running but with no work: the worker blocks
     sched.submit(s)
     assert sched.next_batch(0) is None
-    got: list[Batch | None] = [Batch(G, [], {}, 0, 0)]
+    got: list[Batch | None] = [Batch(G, [], {}, 0)]
     worker = threading.Thread(target=lambda: got.__setitem__(0, sched.next_batch(timeout=10)))
     worker.start()
     time.sleep(0.05)
@@ -568,7 +508,7 @@ def test_close_rejects_new_work_but_serves_accepted_work() -> None:
 
 def test_close_wakes_blocked_worker() -> None:
     sched = Scheduler(max_batch_rows=4, max_queue=8)
-    got: list[Batch | None] = [Batch(G, [], {}, 0, 0)]
+    got: list[Batch | None] = [Batch(G, [], {}, 0)]
     worker = threading.Thread(target=lambda: got.__setitem__(0, sched.next_batch(timeout=None)))
     worker.start()
     time.sleep(0.05)

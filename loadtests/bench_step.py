@@ -1,0 +1,189 @@
+"""What one denoising step costs the host: operator calls and device-to-host transfers per step,
+and steps per second, at batch 1, 8 and 16, for this tree and a baseline tree in the same run.
+
+    git worktree add /tmp/llada-base 4929eca
+    python -m loadtests.bench_step --baseline /tmp/llada-base --json step.json
+
+Each tree runs in its own child process with that tree first on sys.path, on the same models:
+the tiny model (d_model 64, 2 layers, LLaDA's vocabulary) and the bench model of bench_engine.
+The step is `Denoiser(loaded).step(jobs)` (the API both trees share), at temperature 0,
+gen_length 64, block_length 32, steps 64, prompts of the same length.
+
+- operator calls: `aten::` events recorded by torch.profiler over one step (nested calls
+  included), the mean of --profile-steps steps;
+- device-to-host transfers: the calls that would wait for a GPU (Tensor.tolist, .item, bool/int/
+  float of a tensor, .cpu, .numpy, and aten::nonzero, whose output size is read back), counted by
+  wrapping them while the steps run;
+- steps/s: --timed-steps steps after one warm-up step, wall time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+BATCHES = (1, 8, 16)
+MODELS = {
+    "tiny": dict(d_model=64, n_layers=2, n_heads=4, n_kv_heads=4, mlp_hidden_size=176),
+    "bench": dict(d_model=512, n_layers=6, n_heads=8, n_kv_heads=8, mlp_hidden_size=1408),
+}
+READBACKS = ("tolist", "item", "__bool__", "__int__", "__float__", "cpu", "numpy")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--baseline", type=Path, help="a worktree of the commit to compare with (e.g. 4929eca)")
+    p.add_argument("--models", default="tiny,bench")
+    p.add_argument("--profile-steps", type=int, default=3)
+    p.add_argument("--timed-steps", type=int, default=20)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--json", dest="json_path")
+    p.add_argument("--child", type=Path, help=argparse.SUPPRESS)  # measure the tree at this path
+    return p.parse_args(argv)
+
+
+def measure_tree(args: argparse.Namespace) -> dict:
+    """In the child: the tree at args.child is first on sys.path."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from server.engine.demo import build_demo, demo_config
+    from server.engine.denoiser import Denoiser
+    from server.engine.sampling_params import SamplingParams
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    params = SamplingParams(gen_length=64, steps=64, block_length=32, temperature=0.0)
+    counts = {"n": 0}
+
+    def counting(name):
+        original = getattr(torch.Tensor, name)
+
+        def wrapper(self, *a, **k):
+            counts["n"] += 1
+            return original(self, *a, **k)
+
+        return original, wrapper
+
+    out = {}
+    for model_name in args.models.split(","):
+        loaded = build_demo(demo_config(**MODELS[model_name]), seed=0)
+        prompt = list(b"Tell me about diffusion models, please. " * 2)
+        rows = {}
+        for batch in BATCHES:
+            denoiser = Denoiser(loaded)
+            jobs = [denoiser.new_job(prompt, params) for _ in range(batch)]
+            denoiser.step(jobs)  # warm-up
+            originals = {}
+            for name in READBACKS:
+                originals[name], wrapper = counting(name)
+                setattr(torch.Tensor, name, wrapper)
+            counts["n"] = 0
+            try:
+                with profile(activities=[ProfilerActivity.CPU]) as prof:
+                    for _ in range(args.profile_steps):
+                        denoiser.step(jobs)
+            finally:
+                for name, original in originals.items():
+                    setattr(torch.Tensor, name, original)
+            events = [e.name for e in prof.events()]
+            aten = sum(1 for name in events if name.startswith("aten::"))
+            nonzero = sum(1 for name in events if name == "aten::nonzero")
+            start = time.perf_counter()
+            for _ in range(args.timed_steps):
+                denoiser.step(jobs)
+            wall = time.perf_counter() - start
+            assert not any(job.finished for job in jobs), "the timed steps ran past the answer"
+            rows[str(batch)] = {
+                "aten_ops_per_step": round(aten / args.profile_steps, 1),
+                "readbacks_per_step": round((counts["n"] + nonzero) / args.profile_steps, 2),
+                "steps_per_s": round(args.timed_steps / wall, 2),
+            }
+        out[model_name] = rows
+    return out
+
+
+def run_child(tree: Path, args: argparse.Namespace) -> dict:
+    """This file run as a script (so `server` comes from the tree on PYTHONPATH, not from here)."""
+    command = [sys.executable, __file__, "--child", str(tree), "--models", args.models]
+    command += ["--profile-steps", str(args.profile_steps), "--timed-steps", str(args.timed_steps)]
+    if args.threads:
+        command += ["--threads", str(args.threads)]
+    env = {**os.environ, "PYTHONPATH": str(tree)}
+    proc = subprocess.run(command, cwd=tree, env=env, capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise RuntimeError(f"measuring {tree} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def compare(current: dict, baseline: dict) -> dict:
+    """Per model and batch: this tree / the baseline, and the ops each added job costs."""
+    out = {}
+    for model, rows in current.items():
+        out[model] = {}
+        for batch, row in rows.items():
+            base = baseline[model][batch]
+            out[model][batch] = {
+                "steps_per_s_ratio": round(row["steps_per_s"] / base["steps_per_s"], 2),
+                "aten_ops_ratio": round(row["aten_ops_per_step"] / base["aten_ops_per_step"], 3),
+            }
+        first, last = rows[str(BATCHES[0])], rows[str(BATCHES[-1])]
+        out[model]["ops_per_added_job"] = round(
+            (last["aten_ops_per_step"] - first["aten_ops_per_step"]) / (BATCHES[-1] - BATCHES[0]), 2
+        )
+    return out
+
+
+def goals(current: dict) -> list[dict]:
+    tiny = current["tiny"]
+    per_job = (tiny["16"]["aten_ops_per_step"] - tiny["1"]["aten_ops_per_step"]) / 15
+    worst_readbacks = max(row["readbacks_per_step"] for rows in current.values() for row in rows.values())
+    return [
+        {
+            "goal": "at most 10 more operator calls per added job (tiny model)",
+            "measured": round(per_job, 2),
+            "met": per_job <= 10,
+        },
+        {
+            "goal": "batch 16 within 700 operator calls per step (tiny model)",
+            "measured": tiny["16"]["aten_ops_per_step"],
+            "met": tiny["16"]["aten_ops_per_step"] <= 700,
+        },
+        {
+            "goal": "at most 2 device-to-host transfers per step at any batch",
+            "measured": worst_readbacks,
+            "met": worst_readbacks <= 2,
+        },
+    ]
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.child:
+        print(json.dumps(measure_tree(args)))
+        return
+    import torch
+
+    from loadtests.common import REPO_ROOT, finish, machine_info
+
+    started = time.perf_counter()
+    result = {
+        "command": "python -m loadtests.bench_step " + " ".join(sys.argv[1:] if argv is None else argv),
+        "machine": machine_info(torch.device("cpu")),
+        "settings": {"temperature": 0, "gen_length": 64, "block_length": 32, "steps": 64, "batches": BATCHES},
+        "this_tree": run_child(REPO_ROOT, args),
+    }
+    if args.baseline:
+        result["baseline_tree"] = {"path": str(args.baseline), **run_child(args.baseline, args)}
+        result["this_over_baseline"] = compare(result["this_tree"], result["baseline_tree"])
+    result["goals"] = goals(result["this_tree"])
+    finish(result, started, args.json_path)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,163 @@
+"""A step is a transaction: a step that raises leaves every job exactly as it was (canvas, block,
+counters, generator state, scoring rows and sums), and the engine's retry of an out-of-memory
+step as smaller groups gives every job the tokens of a run without faults."""
+
+from __future__ import annotations
+
+import copy
+import threading
+
+import pytest
+import torch
+
+from server.engine.denoiser import DenoiseJob, Denoiser, generate_batch
+from server.engine.engine import Engine, EngineSettings
+from server.engine.events import GenerationDone, JobFailed, ScoringDone
+from server.engine.faults import FaultInjector
+from server.engine.hooks import ForwardHooks
+from server.engine.likelihood import Scorer, ScoringJob, score_pairs
+from server.engine.sampling_params import SamplingParams, ScoreParams
+
+PROMPT = list(b"Hello there")
+
+
+def denoise_state(job: DenoiseJob) -> dict:
+    state = {k: copy.deepcopy(v) for k, v in vars(job).items() if k != "generator"}
+    state["generator"] = None if job.generator is None else job.generator.get_state().clone()
+    return state
+
+
+def assert_same(before: dict, after: dict) -> None:
+    assert before.keys() == after.keys()
+    for key in before:
+        if isinstance(before[key], torch.Tensor):
+            assert torch.equal(before[key], after[key]), key
+        else:
+            assert before[key] == after[key], key
+
+
+# Counted from the failing step's first forward; these jobs' rows run as two forwards per step.
+@pytest.mark.parametrize("fault", ["oom@1", "oom@2", "oom@1:head", "die@2:head"])
+def test_a_step_that_raises_leaves_every_job_as_it_was(tiny_model, fault):
+    denoiser = Denoiser(tiny_model, ForwardHooks(FaultInjector(None)))
+    jobs = [
+        denoiser.new_job(PROMPT, SamplingParams(gen_length=16, block_length=8, steps=16)),
+        denoiser.new_job(PROMPT[:4], SamplingParams(gen_length=8, block_length=8, steps=4, cfg_scale=1.0)),
+        denoiser.new_job(PROMPT, SamplingParams(gen_length=12, steps=6, temperature=0.9, remasking="random", seed=3)),
+    ]
+    assert len(denoiser.step(jobs).events) == 3
+    assert denoiser.hooks.faults.forwards == 2  # so oom@2 strikes after the step's first forward ran
+    before = [denoise_state(job) for job in jobs]
+    denoiser.hooks = ForwardHooks(FaultInjector(fault))
+    with pytest.raises(BaseException, match="injected"):
+        denoiser.step(jobs)
+    for job, state in zip(jobs, before):
+        assert_same(state, denoise_state(job))
+    # and the jobs go on to the answers of a run that never failed
+    while any(not job.finished for job in jobs):
+        denoiser.step([job for job in jobs if not job.finished])
+    clean = generate_batch(tiny_model, [PROMPT, PROMPT[:4], PROMPT], [job.params for job in jobs])
+    assert [job.answer for job in jobs] == clean
+
+
+def score_state(job: ScoringJob) -> dict:
+    return {
+        "loglikelihoods": list(job.loglikelihoods),
+        "is_greedy": list(job.is_greedy),
+        "rows_done": job.rows_done,
+        "mc_left": job.mc_left,
+        "greedy": copy.deepcopy(job.greedy),
+    }
+
+
+@pytest.mark.parametrize("fault", ["oom@1", "oom@2", "oom@1:head"])
+def test_a_scoring_step_that_raises_gives_its_rows_back(tiny_model, fault):
+    pairs = [(PROMPT, list(b" once upon")), (PROMPT[:5], list(b"ab"))]
+    params = ScoreParams(mc_num=6, batch_size=3, greedy=True, cfg_scale=0.5, seed=5)
+    counting = Scorer(tiny_model, ForwardHooks(FaultInjector(None)))
+    counting.step([(counting.new_job(pairs, params), 4)])
+    assert counting.hooks.faults.forwards == 2  # two length groups: oom@2 strikes after one ran
+    scorer = Scorer(tiny_model, ForwardHooks(FaultInjector(fault)))
+    job = scorer.new_job(pairs, params)
+    before = score_state(job)
+    with pytest.raises(torch.OutOfMemoryError):
+        scorer.step([(job, 4)])
+    assert score_state(job) == before
+    while not job.finished:
+        scorer.step([(job, 4)])
+    clean = score_pairs(tiny_model, pairs, params, max_rows=8)
+    assert [r.is_greedy for r in job.results] == [r.is_greedy for r in clean]
+    for got, want in zip(job.results, clean):  # the same rows, in forwards of other sizes
+        assert got.loglikelihood == pytest.approx(want.loglikelihood, rel=1e-5)
+
+
+def run_engine(loaded, fault: str | None, requests: list[tuple[list[int], SamplingParams]]) -> list[object]:
+    """Submit every request before the loop starts (so they share the first step) and wait."""
+    engine = Engine(loaded, EngineSettings(inject_faults=fault))
+    results: list[list] = [[] for _ in requests]
+    done = threading.Semaphore(0)
+
+    def sink_for(i):
+        def sink(event):
+            results[i].append(event)
+            if isinstance(event, (GenerationDone, ScoringDone, JobFailed)):
+                done.release()
+
+        return sink
+
+    for i, (prompt, params) in enumerate(requests):
+        engine.submit_generate(prompt, params, sink_for(i), report_steps=False)
+    engine.start()
+    try:
+        for _ in requests:
+            assert done.acquire(timeout=60)
+        assert engine.alive
+    finally:
+        engine.stop()
+    return [events[-1] for events in results]
+
+
+def test_oom_in_the_head_with_jobs_at_different_points_loses_nothing(tiny_model):
+    # Step 4 finishes the first job and is mid-block for the others; its LM head runs out of
+    # memory after the body ran. The retry as smaller groups must give every job its tokens.
+    requests = [
+        (PROMPT, SamplingParams(gen_length=4, block_length=4, steps=4)),
+        (PROMPT, SamplingParams(gen_length=16, block_length=8, steps=16)),
+        (PROMPT[:8], SamplingParams(gen_length=16, block_length=8, steps=8, temperature=0.8, seed=11)),
+        (
+            PROMPT[:6],
+            SamplingParams(gen_length=12, block_length=12, steps=6, cfg_scale=1.0, remasking="random", seed=2),
+        ),
+    ]
+    clean = generate_batch(tiny_model, [p for p, _ in requests], [s for _, s in requests])
+    # oom@4-5: the step of four jobs, then its first half (two jobs) run out; the single jobs run.
+    for fault in ("oom@4:head", "oom@4", "oom@4-5:head"):
+        finals = run_engine(tiny_model, fault, requests)
+        assert all(isinstance(event, GenerationDone) for event in finals), (fault, finals)
+        assert [event.token_ids for event in finals] == clean, fault
+        assert finals[0].steps == 4
+
+
+def test_fault_specs_name_forwards_ranges_and_the_head():
+    faults = FaultInjector("error@2, oom@4-5:head, die@7")
+    outcomes = []
+    for _ in range(7):
+        faults.step_started()
+        try:
+            faults.before_forward()
+            faults.before_head()
+            outcomes.append("ok")
+        except BaseException as exc:  # noqa: BLE001 - die is a BaseException on purpose
+            outcomes.append(f"{type(exc).__name__}: {exc}")
+    assert outcomes == [
+        "ok",
+        "InjectedFault: injected failure at forward 2",
+        "ok",
+        "OutOfMemoryError: injected out-of-memory at the LM head after forward 4",
+        "OutOfMemoryError: injected out-of-memory at the LM head after forward 5",
+        "ok",
+        "InjectedDeath: injected engine death at forward 7",
+    ]
+    for bad in ("boom@1", "oom@0", "oom@5-3", "oom", "oom@2:tail"):
+        with pytest.raises(ValueError, match="KIND@N or KIND@N-M"):
+            FaultInjector(bad)
