@@ -36,6 +36,7 @@ class ServerConfig:
     cors_origin: tuple[str, ...] = setting(
         (), "allowed CORS origin (repeatable; env LLADA_CORS_ORIGINS, comma-separated); CORS is off when unset"
     )
+    no_ui: bool = setting(False, "do not serve the page at GET / (then / is a 404 like any unknown path)")
     log_format: str = setting("text", "text or json")
     log_level: str = setting("info", "debug, info, warning or error")
     inject_faults: str | None = setting(

@@ -9,7 +9,7 @@ import sys
 from tests.support import REPO_ROOT
 
 # Everything of server/api but the composition root (app.py, which builds the engine).
-API_MODULES = ("routes", "validation", "schemas", "engine_client", "middleware", "errors", "state")
+API_MODULES = ("routes", "validation", "schemas", "engine_client", "middleware", "errors", "state", "ui")
 
 
 def test_the_api_and_the_engine_boundary_types_import_without_torch():

@@ -9,9 +9,10 @@ from fastapi.middleware.cors import CORSMiddleware
 
 from server.api.engine_client import EngineClient
 from server.api.errors import install_error_handlers
-from server.api.middleware import Gate
+from server.api.middleware import OPEN_PATHS, Gate
 from server.api.routes import router
 from server.api.state import ServerState
+from server.api.ui import PAGE_FILES, page_router
 from server.config import ServerConfig
 from server.engine.engine import Engine, EngineSettings
 from server.engine.loader import LoadedModel
@@ -44,8 +45,13 @@ def create_app(config: ServerConfig, loaded: LoadedModel | None = None) -> FastA
     app = FastAPI(title="llada-server", version="0.1.0", lifespan=lifespan)
     app.state.server = state
     app.include_router(router)
+    open_paths = OPEN_PATHS
+    if not config.no_ui:
+        # The page itself is public static text; the API calls it makes carry the key.
+        app.include_router(page_router())
+        open_paths += tuple(PAGE_FILES)
     install_error_handlers(app)
-    app.add_middleware(Gate, state=state)
+    app.add_middleware(Gate, state=state, open_paths=open_paths)
     if config.cors_origin:  # added last = outermost: preflights and Gate's errors get CORS headers
         app.add_middleware(
             CORSMiddleware,

@@ -12,6 +12,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server.api.engine_client import draining_error
 from server.api.errors import ApiError, count_rejection
+from server.api.ui import PAGE_FILES
 
 log = logging.getLogger("llada.requests")
 LOG_FIELDS = "llada.log_fields"  # scope key: what routes add to the request's log line
@@ -24,9 +25,9 @@ ENDPOINTS = (
     "/v1/models",
     "/health",
     "/metrics",
-    "/",
+    *PAGE_FILES,
 )
-OPEN_PATHS = ("/health",)
+OPEN_PATHS = ("/health",)  # with the page on, its files are open too (app.py)
 JSON_BODY_PATHS = ("/v1/generate", "/v1/loglikelihood", "/v1/tokenize", "/v1/detokenize")
 
 
@@ -36,9 +37,10 @@ def endpoint_label(path: str) -> str:
 
 
 class Gate:
-    def __init__(self, app: ASGIApp, *, state) -> None:
+    def __init__(self, app: ASGIApp, *, state, open_paths: tuple[str, ...]) -> None:
         self.app = app
         self.state = state
+        self.open_paths = open_paths
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -101,7 +103,11 @@ class Gate:
         config = self.state.config
         if self.state.client.draining and path != "/metrics" and path != "/health":
             return draining_error()
-        if config.api_keys and needs_key(path, config.metrics_auth) and not key_ok(headers, config.api_keys):
+        if (
+            config.api_keys
+            and needs_key(path, config.metrics_auth, self.open_paths)
+            and not key_ok(headers, config.api_keys)
+        ):
             return ApiError(
                 401,
                 "missing or wrong API key: send 'Authorization: Bearer KEY'",
@@ -122,8 +128,8 @@ class Gate:
         return None
 
 
-def needs_key(path: str, metrics_auth: bool) -> bool:
-    if path in OPEN_PATHS:
+def needs_key(path: str, metrics_auth: bool, open_paths: tuple[str, ...]) -> bool:
+    if path in open_paths:
         return False
     return metrics_auth or path != "/metrics"
 

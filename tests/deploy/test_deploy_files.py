@@ -10,12 +10,15 @@ import fnmatch
 import json
 import re
 import shlex
+import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import pytest
 import yaml
 
+from server.api.ui import PAGE_FILES
 from server.metrics import Metrics
 
 from .dashboard_names import (
@@ -340,6 +343,20 @@ def test_dockerfile_builds_and_installs_the_wheel(dockerfile):
     runtime = stages["runtime"]["instrs"]
     assert any(i == "COPY" and "--from=builder" in a for i, a in runtime)
     assert any(i == "RUN" and "pip install" in a and ".whl" in a for i, a in runtime)
+
+
+def test_the_wheel_the_image_installs_carries_the_page(tmp_path):
+    """The Dockerfile's own build command: a non-editable install serves GET / from these files."""
+    build = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--wheel-dir", str(tmp_path), str(ROOT)],
+        capture_output=True,
+        text=True,
+    )
+    assert build.returncode == 0, build.stderr
+    (wheel,) = tmp_path.glob("*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    for name, _ in PAGE_FILES.values():
+        assert f"server/api/static/{name}" in names, name
 
 
 def test_dockerfile_copy_sources_exist(dockerfile):
