@@ -10,6 +10,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from server.api.engine_client import EngineClient
 from server.api.errors import install_error_handlers
 from server.api.middleware import Gate
+from server.api.openai_routes import router as openai_router
 from server.api.routes import router
 from server.api.state import ServerState
 from server.config import ServerConfig
@@ -45,6 +46,7 @@ def create_app(config: ServerConfig, loaded: LoadedModel | None = None) -> FastA
     app = FastAPI(title="llada-server", version="0.1.0", lifespan=lifespan)
     app.state.server = state
     app.include_router(router)
+    app.include_router(openai_router)
     install_error_handlers(app)
     app.add_middleware(Gate, state=state)
     if config.cors_origin:  # added last = outermost: preflights and Gate's errors get CORS headers

@@ -18,6 +18,8 @@ LOG_FIELDS = "llada.log_fields"  # scope key: what routes add to the request's l
 
 ENDPOINTS = (
     "/v1/generate",
+    "/v1/completions",
+    "/v1/chat/completions",
     "/v1/loglikelihood",
     "/v1/tokenize",
     "/v1/detokenize",
@@ -27,7 +29,14 @@ ENDPOINTS = (
     "/",
 )
 OPEN_PATHS = ("/health",)
-JSON_BODY_PATHS = ("/v1/generate", "/v1/loglikelihood", "/v1/tokenize", "/v1/detokenize")
+JSON_BODY_PATHS = (
+    "/v1/generate",
+    "/v1/completions",
+    "/v1/chat/completions",
+    "/v1/loglikelihood",
+    "/v1/tokenize",
+    "/v1/detokenize",
+)
 
 
 def endpoint_label(path: str) -> str:
