@@ -11,9 +11,9 @@ import openai
 import pytest
 
 from server.api.stop_strings import cut_at_stop
-from tests.support import ServerProcess, scrape, wait_for
+from tests.support import scrape, wait_for
 
-from . import HTTP_TIMEOUT
+from . import HTTP_TIMEOUT, running_server
 
 KEY = "sdk-test-key"
 # Long answers in blocks of 8, so a stream commits its text over several chunks; no EOS, so the
@@ -25,15 +25,9 @@ CHAT = [{"role": "user", "content": "Tell me about diffusion."}]
 
 @pytest.fixture(scope="module")
 def server(tiny_checkpoint, tmp_path_factory):
-    process = ServerProcess(
-        ["--model", str(tiny_checkpoint), "--api-key", KEY, "--shutdown-grace", "5"],
-        tmp_path_factory.mktemp("openai-sdk") / "server.log",
-    )
-    try:
-        process.wait_ready()
+    args = ["--model", str(tiny_checkpoint), "--api-key", KEY, "--shutdown-grace", "5"]
+    with running_server(args, tmp_path_factory.mktemp("openai-sdk")) as process:
         yield process
-    finally:
-        process.stop()
 
 
 @pytest.fixture(scope="module")
