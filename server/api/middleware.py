@@ -16,19 +16,6 @@ from server.api.errors import ApiError, count_rejection
 log = logging.getLogger("llada.requests")
 LOG_FIELDS = "llada.log_fields"  # scope key: what routes add to the request's log line
 
-ENDPOINTS = (
-    "/v1/generate",
-    "/v1/completions",
-    "/v1/chat/completions",
-    "/v1/loglikelihood",
-    "/v1/tokenize",
-    "/v1/detokenize",
-    "/v1/models",
-    "/health",
-    "/metrics",
-    "/",
-)
-OPEN_PATHS = ("/health",)
 JSON_BODY_PATHS = (
     "/v1/generate",
     "/v1/completions",
@@ -37,6 +24,8 @@ JSON_BODY_PATHS = (
     "/v1/tokenize",
     "/v1/detokenize",
 )
+ENDPOINTS = (*JSON_BODY_PATHS, "/v1/models", "/health", "/metrics", "/")
+OPEN_PATHS = ("/health",)
 
 
 def endpoint_label(path: str) -> str:

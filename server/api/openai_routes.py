@@ -28,7 +28,9 @@ from server.api.openai_schemas import (
     CompletionChoice,
     CompletionRequest,
     CompletionUsage,
+    OpenAIChoice,
     OpenAIRequest,
+    OpenAIResponse,
 )
 from server.api.routes import ENGINE, error_responses, log_fields, results_or_disconnect, state_of
 from server.api.state import ServerState
@@ -55,6 +57,8 @@ class Shape:
     """What differs between the two routes: ids, object names and where a choice's text goes."""
 
     id_prefix: str
+    response: type[OpenAIResponse]
+    choice: Callable[[int, str, str], OpenAIChoice]  # (index, text, finish_reason)
     chunk_object: str
     first_delta: dict | None  # sent once per choice before any text
     text_delta: Callable[[str], dict]
@@ -63,6 +67,8 @@ class Shape:
 
 COMPLETIONS = Shape(
     id_prefix="cmpl",
+    response=Completion,
+    choice=lambda index, text, reason: CompletionChoice(index=index, text=text, finish_reason=reason),
     chunk_object="text_completion",
     first_delta=None,
     text_delta=lambda text: {"text": text, "logprobs": None},
@@ -70,6 +76,10 @@ COMPLETIONS = Shape(
 )
 CHAT = Shape(
     id_prefix="chatcmpl",
+    response=ChatCompletion,
+    choice=lambda index, text, reason: ChatChoice(
+        index=index, message=AssistantMessage(content=text), finish_reason=reason
+    ),
     chunk_object="chat.completion.chunk",
     first_delta={"delta": {"role": "assistant", "content": ""}, "logprobs": None},
     text_delta=lambda text: {"delta": {"content": text}, "logprobs": None},
@@ -79,36 +89,30 @@ CHAT = Shape(
 
 @router.post("/v1/completions", response_model=Completion, responses=_streamed(Completion))
 async def completions(body: CompletionRequest, request: Request):
-    state = state_of(request)
-    plan = openai_requests.plan(body, openai_requests.completion_prompts(body), state.info, state.config)
-    if body.stream:
-        return _stream(state, request, body, plan, COMPLETIONS)
-    request_id, texts, usage = await _answers(state, request, plan, COMPLETIONS)
-    return Completion(
-        id=request_id,
-        created=int(time.time()),
-        model=state.info.name,
-        choices=[CompletionChoice(index=i, text=text, finish_reason=reason) for i, (text, reason) in enumerate(texts)],
-        usage=usage,
-    )
+    return await _serve(request, body, openai_requests.completion_prompts(body), COMPLETIONS)
 
 
 @router.post("/v1/chat/completions", response_model=ChatCompletion, responses=_streamed(ChatCompletion))
 async def chat_completions(body: ChatCompletionRequest, request: Request):
+    return await _serve(request, body, openai_requests.chat_prompt(body), CHAT)
+
+
+async def _serve(request: Request, body: OpenAIRequest, prompts: list[dict], shape: Shape):
     state = state_of(request)
-    plan = openai_requests.plan(body, openai_requests.chat_prompt(body), state.info, state.config)
+    plan = openai_requests.plan(body, prompts, state.info, state.config)
     if body.stream:
-        return _stream(state, request, body, plan, CHAT)
-    request_id, texts, usage = await _answers(state, request, plan, CHAT)
-    return ChatCompletion(
+        return _stream(state, request, body, plan, shape)
+    request_id, handles = _submit(state, request, plan, shape, stream=False)
+    done: list[GenerationDone] = await results_or_disconnect(request, handles)
+    log_fields(request).update(answer_tokens=sum(len(d.token_ids) for d in done), steps=max(d.steps for d in done))
+    stops = state.info.special.stops
+    texts = [answer_text(state.info.codec, d.token_ids, stops, plan.stop) for d in done]
+    return shape.response(
         id=request_id,
         created=int(time.time()),
         model=state.info.name,
-        choices=[
-            ChatChoice(index=i, message=AssistantMessage(content=text), finish_reason=reason)
-            for i, (text, reason) in enumerate(texts)
-        ],
-        usage=usage,
+        choices=[shape.choice(i, text, reason) for i, (text, reason) in enumerate(texts)],
+        usage=_usage(plan),
     )
 
 
@@ -133,15 +137,6 @@ def _submit(state: ServerState, request: Request, plan: Plan, shape: Shape, stre
             handle.cancel()
         raise
     return request_id, handles
-
-
-async def _answers(state: ServerState, request: Request, plan: Plan, shape: Shape):
-    request_id, handles = _submit(state, request, plan, shape, stream=False)
-    done: list[GenerationDone] = await results_or_disconnect(request, handles)
-    stops = state.info.special.stops
-    texts = [answer_text(state.info.codec, d.token_ids, stops, plan.stop) for d in done]
-    log_fields(request).update(answer_tokens=sum(len(d.token_ids) for d in done), steps=max(d.steps for d in done))
-    return request_id, texts, _usage(plan)
 
 
 def _stream(state: ServerState, request: Request, body: OpenAIRequest, plan: Plan, shape: Shape) -> EventSourceResponse:

@@ -91,20 +91,26 @@ class CompletionUsage(BaseModel):
 FinishReason = Literal["stop", "length"]
 
 
-class CompletionChoice(BaseModel):
+class OpenAIResponse(BaseModel):
+    id: str
+    created: int
+    model: str
+    usage: CompletionUsage
+
+
+class OpenAIChoice(BaseModel):
     index: int
-    text: str
     finish_reason: FinishReason
     logprobs: None = None
 
 
-class Completion(BaseModel):
-    id: str
+class CompletionChoice(OpenAIChoice):
+    text: str
+
+
+class Completion(OpenAIResponse):
     object: Literal["text_completion"] = "text_completion"
-    created: int
-    model: str
     choices: list[CompletionChoice]
-    usage: CompletionUsage
 
 
 class AssistantMessage(BaseModel):
@@ -112,17 +118,10 @@ class AssistantMessage(BaseModel):
     content: str
 
 
-class ChatChoice(BaseModel):
-    index: int
+class ChatChoice(OpenAIChoice):
     message: AssistantMessage
-    finish_reason: FinishReason
-    logprobs: None = None
 
 
-class ChatCompletion(BaseModel):
-    id: str
+class ChatCompletion(OpenAIResponse):
     object: Literal["chat.completion"] = "chat.completion"
-    created: int
-    model: str
     choices: list[ChatChoice]
-    usage: CompletionUsage

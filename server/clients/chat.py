@@ -48,7 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
         field = GenerateRequest.model_fields[name]
         kind, choices = flag_kind(field.annotation)
         flag = "--" + name.replace("_", "-")
-        help_text = field.description or f"default {field.default}"
+        help_text = field.description or (
+            f"default {field.default}" if field.default is not None else "unset by default"
+        )
         if kind is bool:
             group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         else:
