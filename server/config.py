@@ -82,7 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="llada-server",
         description="HTTP inference server for LLaDA masked diffusion language models.",
-        epilog="Every flag can also be set by its environment variable, shown in brackets.",
+        epilog="Every flag can also be set by its environment variable, shown in brackets. "
+        "Clients of a running server: llada-server chat --help, llada-server eval --help.",
     )
     for f in dataclasses.fields(ServerConfig):
         flag = "--" + f.name.replace("_", "-")

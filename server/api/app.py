@@ -10,6 +10,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from server.api.engine_client import EngineClient
 from server.api.errors import install_error_handlers
 from server.api.middleware import OPEN_PATHS, Gate
+from server.api.openai_routes import router as openai_router
 from server.api.routes import router
 from server.api.state import ServerState
 from server.api.ui import PAGE_FILES, page_router
@@ -45,6 +46,7 @@ def create_app(config: ServerConfig, loaded: LoadedModel | None = None) -> FastA
     app = FastAPI(title="llada-server", version="0.1.0", lifespan=lifespan)
     app.state.server = state
     app.include_router(router)
+    app.include_router(openai_router)
     open_paths = OPEN_PATHS
     if not config.no_ui:
         # The page itself is public static text; the API calls it makes carry the key.

@@ -17,18 +17,16 @@ from server.api.ui import PAGE_FILES
 log = logging.getLogger("llada.requests")
 LOG_FIELDS = "llada.log_fields"  # scope key: what routes add to the request's log line
 
-ENDPOINTS = (
+JSON_BODY_PATHS = (
     "/v1/generate",
+    "/v1/completions",
+    "/v1/chat/completions",
     "/v1/loglikelihood",
     "/v1/tokenize",
     "/v1/detokenize",
-    "/v1/models",
-    "/health",
-    "/metrics",
-    *PAGE_FILES,
 )
+ENDPOINTS = (*JSON_BODY_PATHS, "/v1/models", "/health", "/metrics", *PAGE_FILES)
 OPEN_PATHS = ("/health",)  # with the page on, its files are open too (app.py)
-JSON_BODY_PATHS = ("/v1/generate", "/v1/loglikelihood", "/v1/tokenize", "/v1/detokenize")
 
 
 def endpoint_label(path: str) -> str:

@@ -48,6 +48,7 @@ def error_responses(*statuses: int) -> dict:
 ERROR_MEANINGS = {
     400: "a value the server cannot use (the field is named in param)",
     401: "missing or wrong API key",
+    404: "the model named is not the one served",
     413: "body too large",
     415: "body is not application/json",
     422: "the body does not match the schema",
@@ -81,18 +82,25 @@ async def _client_gone(request: Request) -> None:
 
 async def result_or_disconnect(request: Request, handle: RequestHandle) -> object:
     """The job's final event; a client that hangs up first cancels the job."""
-    result = asyncio.ensure_future(handle.result())
+    (result,) = await results_or_disconnect(request, [handle])
+    return result
+
+
+async def results_or_disconnect(request: Request, handles: list[RequestHandle]) -> list[object]:
+    """Every job's final event; a client that hangs up first, or a job that fails, cancels the rest."""
+    results = asyncio.ensure_future(asyncio.gather(*(handle.result() for handle in handles)))
     gone = asyncio.ensure_future(_client_gone(request))
     try:
-        await asyncio.wait({result, gone}, return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait({results, gone}, return_when=asyncio.FIRST_COMPLETED)
     finally:
         gone.cancel()
-        if not result.done():
-            result.cancel()
+        if not results.done():
+            results.cancel()
+        for handle in handles:
             handle.cancel()
-    if result.cancelled():
+    if results.cancelled():
         raise ApiError(499, "the client closed the request", code="cancelled")
-    return result.result()
+    return results.result()
 
 
 @router.get("/health", response_model=Health, responses={503: {"model": Health, "description": "not ready"}})

@@ -56,11 +56,16 @@ class DiffusionSettings(BaseModel):
     constraints: list[Constraint] = Field(default_factory=list)
 
 
-class GenerateRequest(PromptFields, DiffusionSettings):
-    input_ids: list[TokenId] | None = None
-    gen_length: int = Field(default=128, ge=1)
+class SamplingSettings(DiffusionSettings):
+    """Every setting of an answer but its prompt and length; the OpenAI routes share these names."""
+
     temperature: FiniteFloat = Field(default=0.0, ge=0.0, le=100.0)
     seed: Seed | None = None
+
+
+class GenerateRequest(PromptFields, SamplingSettings):
+    input_ids: list[TokenId] | None = None
+    gen_length: int = Field(default=128, ge=1)
     stream: bool = False
 
 

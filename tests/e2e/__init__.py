@@ -7,13 +7,28 @@ when a test ends get a short --shutdown-grace so the fixture's SIGTERM never wai
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
 
 import httpx
 from httpx_sse import aconnect_sse, connect_sse
 
+from tests.support import ServerProcess
+
 ERROR_TYPES = ("invalid_request_error", "authentication_error", "overloaded", "timeout", "server_error")
 HTTP_TIMEOUT = httpx.Timeout(60.0, connect=10.0)
+
+
+@contextmanager
+def running_server(args: list[str], log_dir: Path) -> Iterator[ServerProcess]:
+    """A ready server for a module's tests to share (start_server gives one per test)."""
+    server = ServerProcess(args, log_dir / "server.log")
+    try:
+        server.wait_ready()
+        yield server
+    finally:
+        server.stop()
 
 
 def assert_envelope(body: dict, error_type: str, code: str | None = None) -> dict:
