@@ -9,6 +9,8 @@ Everything runs on the tiny demo models of test_reference_fidelity.py, fp32, on 
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -366,6 +368,21 @@ def test_caches_are_approximate(demo):
     for prompt, params in ((PROMPT_A, SEMI_AR), (PROMPT_D, P(gen_length=16, block_length=8, steps=8, cfg_scale=1.5))):
         for cache in ("prefix", "dual"):
             assert fast(demo, prompt, params, cache=cache)[0] != demo.generate(prompt, params), (cache, params)
+
+
+def test_seeded_sampling_with_a_cache_follows_its_own_generator(demo):
+    """Temperature and random remasking in cached steps draw from the seeded generator only: the
+    same seed gives the same answer run after run, another seed another answer."""
+    params = P(gen_length=16, block_length=8, steps=8, temperature=0.8, remasking="random", seed=1)
+    fast_kw = dict(cache="dual", threshold=0.5)
+    answer, nfe = fast(demo, PROMPT_B, params, **fast_kw)
+    torch.manual_seed(12345)  # the global generator plays no part
+    assert reference_fast_generate_for(demo.state, demo.cfg, PROMPT_B, params, demo.loaded.special, **fast_kw) == (
+        answer,
+        nfe,
+    )
+    assert nfe < params.gen_length
+    assert fast(demo, PROMPT_B, dataclasses.replace(params, seed=2), **fast_kw)[0] != answer
 
 
 # ---------------------------------------------------------------------------------------------
