@@ -47,6 +47,62 @@ def transfer_counts(n_masked: int, block_steps: int) -> list[int]:
     return [base + (1 if i < rem else 0) for i in range(block_steps)]
 
 
+def initial_canvas(prompt_ids: list[int], gen_length: int, constraints: dict[int, int] | None, mask_id: int) -> Tensor:
+    """[1, prompt + gen_length]: the prompt, then masks, with the constraints written in."""
+    prompt_len = len(prompt_ids)
+    x = torch.full((1, prompt_len + gen_length), mask_id, dtype=torch.long)
+    x[0, :prompt_len] = torch.tensor(prompt_ids, dtype=torch.long)
+    for pos, tok in (constraints or {}).items():
+        x[0, prompt_len + pos] = tok
+    return x
+
+
+def guided_logits(cond: Tensor, un: Tensor, cfg_scale: float) -> Tensor:
+    """Classifier-free guidance: un + (s+1)*(cond-un), in float32."""
+    return un + (cfg_scale + 1) * (cond - un)
+
+
+def choose_tokens(
+    logits: Tensor,
+    g: torch.Generator,
+    *,
+    temperature: float,
+    remasking: str,
+    logits_eos_inf: bool,
+    confidence_eos_eot_inf: bool,
+    eos_id: int,
+    eot_id: int,
+) -> tuple[Tensor, Tensor]:
+    """One step's token choice x0 [n_cand] and confidence [n_cand] (float64) for the candidates'
+    logits [n_cand, V], taking the step's uniforms from g (Gumbel first, then random remasking)."""
+    logits = logits.float().clone()
+    if logits_eos_inf:
+        logits[:, eos_id] = float("-inf")
+
+    if temperature > 0:
+        u = torch.rand(logits.shape, generator=g, dtype=torch.float64)
+        scores = logits.double().exp() / (-torch.log(u)) ** temperature
+        x0 = scores.argmax(dim=-1)
+    else:
+        x0 = logits.argmax(dim=-1)
+
+    if remasking == "random":
+        confidence = torch.rand(logits.shape[0], generator=g, dtype=torch.float64)
+    else:
+        probs = torch.softmax(logits, dim=-1)
+        confidence = probs.gather(-1, x0[:, None]).squeeze(-1).double()
+
+    if confidence_eos_eot_inf:
+        bad = (x0 == eos_id) | (x0 == eot_id)
+        confidence = confidence.masked_fill(bad, float("-inf"))
+    return x0, confidence
+
+
+def most_confident_first(confidence: Tensor) -> list[int]:
+    """Candidate indices by confidence, highest first; ties toward the lower position."""
+    return torch.sort(confidence, descending=True, stable=True).indices.tolist()
+
+
 @torch.no_grad()
 def reference_generate(
     logits_fn: LogitsFn,
@@ -71,13 +127,8 @@ def reference_generate(
     if gen_length <= 0:
         return []
     prompt_len = len(prompt_ids)
-    x = torch.full((1, prompt_len + gen_length), mask_id, dtype=torch.long)
-    x[0, :prompt_len] = torch.tensor(prompt_ids, dtype=torch.long)
-    for pos, tok in (constraints or {}).items():
-        x[0, prompt_len + pos] = tok
-
-    g = torch.Generator(device="cpu")
-    g.manual_seed(seed)
+    x = initial_canvas(prompt_ids, gen_length, constraints, mask_id)
+    g = torch.Generator(device="cpu").manual_seed(seed)
 
     for start, end, block_steps in block_plan(gen_length, block_length, steps):
         lo, hi = prompt_len + start, prompt_len + end
@@ -94,45 +145,28 @@ def reference_generate(
             if cfg_scale > 0:
                 un_x = x.clone()
                 un_x[0, :prompt_len] = mask_id
-                un = logits_fn(un_x)[0].float()
-                logits = un + (cfg_scale + 1) * (cond - un)
+                logits = guided_logits(cond, logits_fn(un_x)[0].float(), cfg_scale)
             else:
                 logits = cond
-            logits = logits[cand].float().clone()  # [n_cand, V]
-
-            if logits_eos_inf:
-                logits[:, eos_id] = float("-inf")
-
-            if temperature > 0:
-                u = torch.rand(logits.shape, generator=g, dtype=torch.float64)
-                scores = logits.double().exp() / (-torch.log(u)) ** temperature
-                x0 = scores.argmax(dim=-1)
-            else:
-                x0 = logits.argmax(dim=-1)
-
-            if remasking == "random":
-                confidence = torch.rand(len(cand), generator=g, dtype=torch.float64)
-            else:
-                probs = torch.softmax(logits.float(), dim=-1)
-                confidence = probs.gather(-1, x0[:, None]).squeeze(-1).double()
-
-            if confidence_eos_eot_inf:
-                bad = (x0 == eos_id) | (x0 == eot_id)
-                confidence = confidence.masked_fill(bad, float("-inf"))
-
-            order = torch.sort(confidence, descending=True, stable=True).indices[:k]
-            for idx in order.tolist():
+            x0, confidence = choose_tokens(
+                logits[cand],
+                g,
+                temperature=temperature,
+                remasking=remasking,
+                logits_eos_inf=logits_eos_inf,
+                confidence_eos_eot_inf=confidence_eos_eot_inf,
+                eos_id=eos_id,
+                eot_id=eot_id,
+            )
+            for idx in most_confident_first(confidence)[:k]:
                 x[0, cand[idx]] = int(x0[idx])
 
     return x[0, prompt_len:].tolist()
 
 
-def reference_generate_for(logits_fn, prompt_ids: list[int], params, special) -> list[int]:
-    """reference_generate with the settings of an engine SamplingParams and a model's SpecialIds
-    (the adapter the fidelity tests and the engine benchmark share)."""
-    return reference_generate(
-        logits_fn,
-        prompt_ids,
+def sampler_keywords(params, special) -> dict:
+    """reference_generate's keywords for an engine SamplingParams and a model's SpecialIds."""
+    return dict(
         gen_length=params.gen_length,
         steps=params.steps,
         block_length=params.block_length,
@@ -147,3 +181,9 @@ def reference_generate_for(logits_fn, prompt_ids: list[int], params, special) ->
         eos_id=special.eos,
         eot_id=special.eot,
     )
+
+
+def reference_generate_for(logits_fn, prompt_ids: list[int], params, special) -> list[int]:
+    """reference_generate with the settings of an engine SamplingParams and a model's SpecialIds
+    (the adapter the fidelity tests and the engine benchmark share)."""
+    return reference_generate(logits_fn, prompt_ids, **sampler_keywords(params, special))
