@@ -30,7 +30,9 @@ class ChoiceJob:
     """One job's part of a step's choice."""
 
     candidates: int
-    count: int  # how many to reveal
+    count: int  # how many to reveal, unless a threshold or a factor decides
+    threshold: float | None
+    factor: float | None
     cfg_factor: float | None  # cfg_scale + 1 under CFG
     temperature: float
     random_remasking: bool
@@ -81,16 +83,18 @@ def choose(
         confidence.masked_fill_(excluded & is_stop, float("-inf"))
 
     slot = index([j * width + r for j, job in enumerate(jobs) for r in range(job.candidates)], device)
-    ranked = torch.full((len(jobs) * width,), float("-inf"), dtype=torch.float64, device=device)
-    ranked = ranked.index_copy_(0, slot, confidence).view(len(jobs), width)
-    order = torch.sort(ranked, dim=1, descending=True, stable=True).indices
+    by_slot = torch.full((len(jobs) * width,), float("-inf"), dtype=torch.float64, device=device)
+    by_slot = by_slot.index_copy_(0, slot, confidence).view(len(jobs), width)
+    ranked, order = torch.sort(by_slot, dim=1, descending=True, stable=True)
 
     def by_rank(values: torch.Tensor) -> torch.Tensor:
         padded = torch.zeros(len(jobs) * width, dtype=torch.float64, device=device)
         return padded.index_copy_(0, slot, values.double()).view(len(jobs), width).gather(1, order)
 
-    counts = to_device(torch.tensor([[job.count] for job in jobs], dtype=torch.float64), device)
-    return torch.cat([order.double(), by_rank(tokens), by_rank(probabilities), counts], dim=1)
+    counts = to_device(torch.tensor([job.count for job in jobs], dtype=torch.long), device)
+    if any(job.threshold is not None or job.factor is not None for job in jobs):
+        counts = _dynamic_counts(ranked, jobs, counts)
+    return torch.cat([order.double(), by_rank(tokens), by_rank(probabilities), counts[:, None].double()], dim=1)
 
 
 def guide(cond: torch.Tensor, uncond: torch.Tensor, rows: list[int], factors: list[float]) -> None:
@@ -101,6 +105,31 @@ def guide(cond: torch.Tensor, uncond: torch.Tensor, rows: list[int], factors: li
     where = index(rows, device)
     factor = to_device(torch.tensor(factors, dtype=torch.float32)[:, None], device)
     cond.index_copy_(0, where, cond.index_select(0, where).sub_(uncond).mul_(factor).add_(uncond))
+
+
+def _dynamic_counts(ranked: torch.Tensor, jobs: list[ChoiceJob], counts: torch.Tensor) -> torch.Tensor:
+    """Reveal counts of the threshold and factor rules (LLADA.md "Fast decoding") from each job's
+    confidences sorted descending, [jobs, width], -inf past its candidates; compared in float64."""
+    device = ranked.device
+    if any(job.threshold is not None for job in jobs):
+        bound = to_device(torch.tensor([job.threshold or 0.0 for job in jobs], dtype=torch.float64), device)
+        passing = (ranked >= bound[:, None]).sum(dim=1).clamp(min=1)
+        uses = to_device(torch.tensor([job.threshold is not None for job in jobs]), device)
+        counts = torch.where(uses, passing, counts)
+    if any(job.factor is not None for job in jobs):
+        # rank k (1-based) passes when c_k >= 1 - f/(k+1), rank 1's bound being -1 as published
+        f = to_device(torch.tensor([job.factor or 0.0 for job in jobs], dtype=torch.float64), device)
+        k = torch.arange(1, ranked.shape[1] + 1, device=device, dtype=torch.float64)
+        bounds = 1 - f[:, None] / (k + 1)
+        bounds[:, 0] = -1.0
+        fails = torch.cat([ranked < bounds, torch.ones(len(jobs), 1, dtype=torch.bool, device=device)], dim=1)
+        first = fails.int().argmax(dim=1)  # 0-based rank of the first failure (padding fails)
+        # reveal the ranks before it; one if rank 1 fails; all if only the last fails (the quirk)
+        candidates = to_device(torch.tensor([job.candidates for job in jobs]), device)
+        by_factor = torch.where(first == 0, 1, torch.where(first >= candidates - 1, candidates, first))
+        uses = to_device(torch.tensor([job.factor is not None for job in jobs]), device)
+        counts = torch.where(uses, by_factor, counts)
+    return counts
 
 
 def unpack(row: list[float]) -> tuple[list[int], list[int], list[float]]:

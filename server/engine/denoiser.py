@@ -3,8 +3,13 @@
 Jobs carry their own settings, canvas, block position and random generator, so the set of jobs
 can change between any two steps (iteration-level batching) and a seeded job draws the same
 numbers whatever shares its forward. A job's canvas and its masked positions live on the host:
-the step sends the rows to the device, runs the forwards (padding.forward_rows), one LM-head call
+the step sends the rows to the device, runs the forwards (forwards.run_step), one LM-head call
 on every job's candidates, one batched token choice (choice.choose), and reads back once.
+
+Fast decoding (LLADA.md): a job with a cache keeps its keys and values in the pool (kv_cache.py)
+and runs a full forward at each block's first step, then only the block onwards (prefix) or the
+block (dual); a threshold or factor decides how many tokens a step reveals; early stop ends the
+answer after a finished block that holds EOS or EOT. Jobs of every mode and phase share a step.
 
 A step is a transaction: nothing of a job changes until every job's tokens are chosen. A step
 that raises (out of memory, say) leaves every job as it was, generator state included; a
@@ -22,8 +27,9 @@ import torch
 from server.engine import sampling
 from server.engine.choice import ChoiceJob, choose, unpack
 from server.engine.events import Reveal
-from server.engine.forwards import Work, run_step, unconditional
+from server.engine.forwards import RowInput, Work, run_step, unconditional
 from server.engine.hooks import ForwardHooks
+from server.engine.kv_cache import KVPool, pages_for, slots
 from server.engine.loader import LoadedModel
 from server.engine.sampling_params import SamplingParams
 
@@ -49,6 +55,9 @@ class DenoiseJob:
     finished: bool = False
     masked: int = 0  # answer positions still masked
     generator: torch.Generator | None = None  # made by the engine thread on the first step
+    cache_slots: list[list[int]] = field(default_factory=list)  # per row (two under CFG), every position
+    cache_pages: list[list[int]] = field(default_factory=list)
+    cache_block: int = -1  # the block whose first (full) forward filled the cache
 
     @property
     def answer(self) -> list[int]:
@@ -84,13 +93,21 @@ class StepResult:
     failed: list[tuple[list[DenoiseJob], Exception]]  # jobs whose forward or head raised, and why
 
 
+def cache_pages_for(prompt_len: int, params: SamplingParams) -> int:
+    """KV-cache pages a job holds while it runs (0 without a cache)."""
+    return 0 if params.cache == "none" else params.rows * pages_for(prompt_len + params.gen_length)
+
+
 class Denoiser:
-    def __init__(self, loaded: LoadedModel, hooks: ForwardHooks | None = None):
+    def __init__(self, loaded: LoadedModel, hooks: ForwardHooks | None = None, cache_pages: int = 0):
+        """cache_pages: the KV-cache pool's size; the caller admits no more cached jobs than fit."""
         self.loaded = loaded
         self.model = loaded.model
         self.mask_id = loaded.special.mask
         self.eos_id = loaded.special.eos
         self.hooks = hooks or ForwardHooks()
+        self.cache_pages = cache_pages
+        self.pool: KVPool | None = None
 
     def new_job(self, prompt_ids: list[int], params: SamplingParams, report_steps: bool = True) -> DenoiseJob:
         """Host state only: the engine thread makes the job's generator at its first step."""
@@ -108,19 +125,41 @@ class Denoiser:
             report_steps=report_steps,
             masked=params.gen_length - len(params.constraints),
         )
+        if params.cache != "none":
+            if self.pool is None:
+                self.pool = KVPool(self.model.config, self.cache_pages, self.model.device, self.model.dtype)
+            for _ in range(params.rows):
+                job.cache_pages.append(self.pool.allocate(len(canvas)))
+                job.cache_slots.append(slots(job.cache_pages[-1], 0, len(canvas)))
         self._next_block(job)
         return job
 
+    def release(self, job: DenoiseJob) -> None:
+        """Give the job's cache pages back (it finished, failed or was cancelled)."""
+        for pages in job.cache_pages:
+            self.pool.release(pages)
+        job.cache_pages, job.cache_slots = [], []
+
     def _next_block(self, job: DenoiseJob) -> None:
-        """Move to the next block that still has masks, or finish."""
-        while job.block + 1 < len(job.blocks):
+        """Move to the next block that still has masks, or finish; with early stop, finish after a
+        complete block if the answer so far holds EOS or EOT, every later position set to EOS."""
+        while True:
+            if job.block >= 0 and job.params.early_stop:
+                end = job.blocks[job.block][1]
+                if any(token in self.loaded.special.stops for token in job.canvas[job.prompt_len : end]):
+                    job.canvas[end:] = [self.eos_id] * (len(job.canvas) - end)
+                    job.masked = 0
+                    break
+            if job.block + 1 == len(job.blocks):
+                break
             job.block += 1
             start, end = job.blocks[job.block]
             job.block_masked = [p for p in range(start, end) if job.canvas[p] == self.mask_id]
             job.schedule = sampling.transfer_schedule(len(job.block_masked), job.block_steps[job.block])
             job.step_in_block = 0
-            if job.schedule:
+            if job.block_masked:
                 return
+        job.block_masked = []
         job.finished = True
 
     @torch.inference_mode()
@@ -130,12 +169,7 @@ class Denoiser:
             if job.generator is None and job.draws:
                 job.generator = torch.Generator(device=self.model.device).manual_seed(job.seed)
         saved = {id(job): job.generator.get_state() for job in jobs if job.draws}
-        works = [
-            Work(job, job.canvas, job.block_masked, unconditional(job.canvas, job.prompt_len, self.mask_id))
-            if job.rows == 2
-            else Work(job, job.canvas, job.block_masked)
-            for job in jobs
-        ]
+        works = [self._work(job) for job in jobs]
         width = max(len(job.block_masked) for job in jobs)
 
         def decide(logits: torch.Tensor, chunk: list[Work]) -> torch.Tensor:
@@ -143,7 +177,7 @@ class Denoiser:
             return choose(logits, [self._choice(work.owner) for work in chunk], self.eos_id, stops, width)
 
         try:
-            outcome = run_step(self.model, works, self.eos_id, self.hooks, HEAD_ROWS, decide)
+            outcome = run_step(self.model, works, self.eos_id, self.hooks, HEAD_ROWS, decide, self.pool)
         except BaseException:
             for job in jobs:
                 if id(job) in saved:
@@ -154,11 +188,36 @@ class Denoiser:
         events = [self._commit(work.owner, outcome.values[id(work)]) for work in works if id(work) in outcome.values]
         return StepResult(events, outcome.failed)
 
+    def _work(self, job: DenoiseJob) -> Work:
+        """The job's rows for this step: the whole canvas, or with a cache mid-block only the
+        positions the mode runs, attending to the cache."""
+        rows = [job.canvas]
+        if job.rows == 2:
+            rows.append(unconditional(job.canvas, job.prompt_len, self.mask_id))
+        mode = job.params.cache
+        if mode == "none":
+            inputs = [RowInput(tokens) for tokens in rows]
+            return Work(job, inputs[0], job.block_masked, inputs[1] if len(inputs) == 2 else None)
+        if job.cache_block != job.block:  # the block's first step: a full forward fills the cache
+            start, stop, read = 0, len(job.canvas), None
+        else:
+            start, end = job.blocks[job.block]
+            stop, read = (len(job.canvas) if mode == "prefix" else end), True
+        inputs = [
+            RowInput(tokens[start:stop], start, row_slots[start:stop], row_slots if read else None)
+            for tokens, row_slots in zip(rows, job.cache_slots)
+        ]
+        positions = [p - start for p in job.block_masked]
+        return Work(job, inputs[0], positions, inputs[1] if len(inputs) == 2 else None)
+
     def _choice(self, job: DenoiseJob) -> ChoiceJob:
         p = job.params
+        fixed = p.threshold is None and p.factor is None
         return ChoiceJob(
             candidates=len(job.block_masked),
-            count=job.schedule[job.step_in_block],
+            count=job.schedule[job.step_in_block] if fixed else 0,
+            threshold=p.threshold,
+            factor=p.factor,
             cfg_factor=p.cfg_scale + 1.0 if p.cfg_scale > 0 else None,
             temperature=p.temperature,
             random_remasking=p.remasking == "random",
@@ -186,14 +245,17 @@ class Denoiser:
         job.step_in_block += 1
         job.masked -= count
         block = job.block
-        if job.step_in_block == len(job.schedule):
+        if job.params.cache != "none":
+            job.cache_block = block
+        if not job.block_masked:
             self._next_block(job)
         return StepEvent(job=job, step=job.steps_done, block=block, revealed=count, reveals=reveals, masked=job.masked)
 
 
-def generate_batch(loaded: LoadedModel, prompts: list[list[int]], params: list[SamplingParams]) -> list[list[int]]:
-    """Run jobs together until all finish (finished jobs leave the batch); answers in order."""
-    denoiser = Denoiser(loaded)
+def run_jobs(loaded: LoadedModel, prompts: list[list[int]], params: list[SamplingParams]) -> list[DenoiseJob]:
+    """Run jobs together until all finish (finished jobs leave the batch); the jobs, in order."""
+    pages = sum(cache_pages_for(len(prompt), p) for prompt, p in zip(prompts, params))
+    denoiser = Denoiser(loaded, cache_pages=pages)
     jobs = [denoiser.new_job(prompt, p, report_steps=False) for prompt, p in zip(prompts, params)]
     running = [job for job in jobs if not job.finished]
     while running:
@@ -201,4 +263,9 @@ def generate_batch(loaded: LoadedModel, prompts: list[list[int]], params: list[S
         if result.failed:
             raise result.failed[0][1]
         running = [job for job in running if not job.finished]
-    return [job.answer for job in jobs]
+    return jobs
+
+
+def generate_batch(loaded: LoadedModel, prompts: list[list[int]], params: list[SamplingParams]) -> list[list[int]]:
+    """The answers of run_jobs."""
+    return [job.answer for job in run_jobs(loaded, prompts, params)]

@@ -2,9 +2,12 @@
 the scorer (the scheduler only decides which jobs share a step).
 
 A step is a list of `Work`: a row of tokens, the positions whose logits it needs and, under
-classifier-free guidance, its unconditional copy. Rows of similar length share a right-padded
-forward (the padding hidden from attention by a key mask); rows whose padding would waste more
-than MAX_PADDING_WASTE of a forward run in separate forwards. Then one LM-head call per
+classifier-free guidance, its unconditional copy. A row may use the KV cache (kv_cache.py): it
+then starts at an absolute position, writes its keys and values at its slots, and may attend to
+the slots of its whole sequence instead of to itself. Rows of similar length share a
+right-padded forward (the padding hidden from attention by a key mask; rows that read the cache
+go in forwards of their own); rows whose padding would waste more than MAX_PADDING_WASTE of a
+forward run in separate forwards. Then one LM-head call per
 `head_rows` logit rows, on the needed positions only, and the caller's `decide` turns each
 call's logits into numbers on the device; all of them are read back in one copy.
 
@@ -19,6 +22,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
+
+from server.engine.kv_cache import KVBatch, KVPool
 
 if TYPE_CHECKING:
     from server.engine.hooks import ForwardHooks
@@ -78,11 +83,19 @@ def unconditional(tokens: list[int], prompt_len: int, mask_id: int) -> list[int]
 
 
 @dataclass(frozen=True, eq=False)
+class RowInput:
+    tokens: list[int]
+    start: int = 0  # absolute position of tokens[0], for RoPE
+    write: list[int] | None = None  # a cache slot per token: the row keeps its keys and values there
+    read: list[int] | None = None  # the slots of positions 0..n-1 of its sequence: it attends to those
+
+
+@dataclass(frozen=True, eq=False)
 class Work:
     owner: object  # the job this row belongs to: failures are reported per owner
-    tokens: list[int]
-    positions: list[int]  # where its logits are needed
-    uncond: list[int] | None = None  # the CFG copy's tokens (same positions), if guided
+    row: RowInput
+    positions: list[int]  # indices into row.tokens where logits are needed
+    uncond: RowInput | None = None  # the CFG copy (same positions), if guided
 
     @property
     def head_rows(self) -> int:
@@ -112,7 +125,13 @@ def head_chunks(works: list[Work], limit: int) -> list[list[Work]]:
 
 
 def run_step(
-    model: LLaDAModel, works: list[Work], pad_id: int, hooks: ForwardHooks, head_rows: int, decide: Decide
+    model: LLaDAModel,
+    works: list[Work],
+    pad_id: int,
+    hooks: ForwardHooks,
+    head_rows: int,
+    decide: Decide,
+    pool: KVPool | None = None,
 ) -> Outcome:
     """The step's forwards, LM-head calls and `decide` calls, then its one read-back.
 
@@ -125,8 +144,8 @@ def run_step(
             failed.setdefault(id(exc), (exc, []))[1].append(owner)
 
     guided = [work for work in works if work.uncond is not None]
-    rows = [(work, work.tokens) for work in works] + [(work, work.uncond) for work in guided]
-    states = _forward(model, rows, pad_id, hooks, fail)
+    rows = [(work, work.row) for work in works] + [(work, work.uncond) for work in guided]
+    states = _forward(model, rows, pad_id, hooks, fail, pool)
     bad = {id(owner) for _, owners in failed.values() for owner in owners}
     if bad and states is not None:  # keep only the rows of owners whose forwards all ran
         keep, at = [], 0
@@ -170,14 +189,24 @@ class _States:
     ran: set[int]  # the rows that ran
 
 
-def _forward(model, rows, pad_id, hooks, fail) -> _States | None:
-    """The rows in length groups, one forward each, gathering the needed positions."""
+def _forward(model, rows, pad_id, hooks, fail, pool) -> _States | None:
+    """The rows in length groups, one forward each, gathering the needed positions. Rows that
+    read the cache are grouped apart from those that attend to themselves."""
     parts, ran_rows, device = [], [], model.device
-    for group in length_groups([len(tokens) for _, tokens in rows], MAX_PADDING_WASTE):
+    reading = [i for i, (_, row) in enumerate(rows) if row.read is not None]
+    groups = []
+    for members in (sorted(set(range(len(rows))) - set(reading)), reading):
+        lengths = [len(rows[i][1].tokens) for i in members]
+        groups += [[members[k] for k in group] for group in length_groups(lengths, MAX_PADDING_WASTE)]
+    for group in groups:
+        inputs = [rows[i][1] for i in group]
         try:
             with hooks.forward(len(group), device):
-                ids, mask = padded_ids([rows[i][1] for i in group], pad_id, device)
-                hidden = model(ids, mask)
+                ids, mask = padded_ids([row.tokens for row in inputs], pad_id, device)
+                cache = None
+                if any(row.write is not None or row.read is not None or row.start for row in inputs):
+                    cache, mask = _cache_view(pool, inputs, ids.shape[1], device, mask)
+                hidden = model(ids, mask, cache)
                 width = ids.shape[1]
                 where = [k * width + p for k, i in enumerate(group) for p in rows[i][0].positions]
                 parts.append(hidden.view(-1, hidden.shape[-1]).index_select(0, index(where, device)))
@@ -191,7 +220,7 @@ def _forward(model, rows, pad_id, hooks, fail) -> _States | None:
     if not parts:
         return None
     hidden = parts[0] if len(parts) == 1 else torch.cat(parts)
-    if ran_rows != sorted(ran_rows):  # groups go shortest first: put the rows back in order
+    if ran_rows != sorted(ran_rows):  # groups go by length: put the rows back in order
         offsets, start = {}, 0
         for i in sorted(ran_rows):
             offsets[i] = start
@@ -202,3 +231,20 @@ def _forward(model, rows, pad_id, hooks, fail) -> _States | None:
             order[target] = at
         hidden = hidden.index_select(0, index(order, device))
     return _States(hidden, set(ran_rows))
+
+
+def _cache_view(pool: KVPool, inputs: list[RowInput], width: int, device: torch.device, mask):
+    """A forward's KVBatch (padded queries write to page 0) and, when the rows read the cache,
+    the key mask over the slots they read."""
+    positions = [[row.start + k for k in range(len(row.tokens))] + [0] * (width - len(row.tokens)) for row in inputs]
+    write = [slot for row in inputs for slot in (row.write or [0] * len(row.tokens)) + [0] * (width - len(row.tokens))]
+    if inputs[0].read is None:
+        return KVBatch(pool, index(positions, device), index(write, device)), mask
+    keys = max(len(row.read) for row in inputs)
+    read = index([row.read + [0] * (keys - len(row.read)) for row in inputs], device)
+    if all(len(row.read) == keys for row in inputs):
+        mask = None
+    else:
+        lengths = index([len(row.read) for row in inputs], device)
+        mask = (torch.arange(keys, device=device) < lengths[:, None])[:, None, None, :]
+    return KVBatch(pool, index(positions, device), index(write, device), read), mask

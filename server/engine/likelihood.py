@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from server.engine.choice import guide
 from server.engine.events import ScoreResult
-from server.engine.forwards import Work, index, run_step, unconditional
+from server.engine.forwards import RowInput, Work, index, run_step, unconditional
 from server.engine.hooks import ForwardHooks
 from server.engine.loader import LoadedModel
 from server.engine.sampling import spread
@@ -156,8 +156,9 @@ class Scorer:
                 tokens = row.canvas if isinstance(row, GreedyState) else row.ids
                 positions = row.masked(self.mask_id) if isinstance(row, GreedyState) else row.positions
                 prompt_len = len(job.pairs[row.pair][0])
-                uncond = unconditional(tokens, prompt_len, self.mask_id) if job.params.cfg_scale > 0 else None
-                works.append(Work(job, tokens, positions, uncond))
+                guided = job.params.cfg_scale > 0
+                uncond = RowInput(unconditional(tokens, prompt_len, self.mask_id)) if guided else None
+                works.append(Work(job, RowInput(tokens), positions, uncond))
                 rows_of[id(works[-1])] = row
         try:
             outcome = run_step(

@@ -21,11 +21,21 @@ class SamplingParams:
     seed: int | None = None
     # (answer position, token id) pairs written before the first step and never remasked.
     constraints: tuple[tuple[int, int], ...] = ()
+    # Fast decoding (LLADA.md): a KV cache, and a reveal count other than the fixed schedule.
+    cache: str = "none"  # none | prefix | dual
+    threshold: float | None = None  # reveal every candidate this confident (and the best one)
+    factor: float | None = None  # Fast-dLLM's factor rule; not with threshold
+    early_stop: bool = False  # end the answer after a finished block that holds EOS or EOT
 
     @property
     def rows(self) -> int:
         """Rows this job puts in each forward: CFG runs an unconditional copy beside it."""
         return 2 if self.cfg_scale > 0 else 1
+
+    @property
+    def approximate(self) -> bool:
+        """The answer may differ from the exact sampler's (early stop alone keeps the text exact)."""
+        return self.cache != "none" or self.threshold is not None or self.factor is not None
 
 
 @dataclass(frozen=True)

@@ -57,7 +57,8 @@ def fast(ref: Ref, prompt: list[int], params: SamplingParams, **fast_kw) -> tupl
     """(answer, nfe) of the fast reference; fast_kw: cache, threshold, factor, early_stop."""
     key = (id(ref), tuple(prompt), params, tuple(sorted(fast_kw.items())))
     if key not in _answers:
-        _answers[key] = reference_fast_generate_for(ref.state, ref.cfg, prompt, params, ref.loaded.special, **fast_kw)
+        params = dataclasses.replace(params, **fast_kw)
+        _answers[key] = reference_fast_generate_for(ref.state, ref.cfg, prompt, params, ref.loaded.special)
     answer, nfe = _answers[key]
     return list(answer), nfe
 
@@ -389,10 +390,10 @@ def test_seeded_sampling_with_a_cache_follows_its_own_generator(demo):
     fast_kw = dict(cache="dual", threshold=0.5)
     answer, nfe = fast(demo, PROMPT_B, params, **fast_kw)
     torch.manual_seed(12345)  # the global generator plays no part
-    assert reference_fast_generate_for(demo.state, demo.cfg, PROMPT_B, params, demo.loaded.special, **fast_kw) == (
-        answer,
-        nfe,
+    again = reference_fast_generate_for(
+        demo.state, demo.cfg, PROMPT_B, dataclasses.replace(params, **fast_kw), demo.loaded.special
     )
+    assert again == (answer, nfe)
     assert nfe < params.gen_length
     assert fast(demo, PROMPT_B, dataclasses.replace(params, seed=2), **fast_kw)[0] != answer
 
@@ -433,7 +434,9 @@ def test_invalid_settings_are_refused(demo):
         (dict(cache="full"), "cache"),
     ):
         with pytest.raises(ValueError, match=message):
-            reference_fast_generate_for(demo.state, demo.cfg, PROMPT_C, params, demo.loaded.special, **bad)
+            reference_fast_generate_for(
+                demo.state, demo.cfg, PROMPT_C, dataclasses.replace(params, **bad), demo.loaded.special
+            )
 
 
 # ---------------------------------------------------------------------------------------------

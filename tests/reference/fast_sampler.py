@@ -180,8 +180,9 @@ def reference_fast_generate(
 
 
 def reference_fast_generate_for(
-    state_dict: dict[str, Tensor], cfg: dict, prompt_ids: list[int], params, special, **fast
+    state_dict: dict[str, Tensor], cfg: dict, prompt_ids: list[int], params, special
 ) -> tuple[list[int], int]:
-    """reference_fast_generate with the settings of an engine SamplingParams and a model's SpecialIds,
-    plus the fast decoding keywords (cache, threshold, factor, early_stop) given in `fast`."""
+    """reference_fast_generate with the settings of an engine SamplingParams (fast decoding fields
+    included) and a model's SpecialIds."""
+    fast = dict(cache=params.cache, threshold=params.threshold, factor=params.factor, early_stop=params.early_stop)
     return reference_fast_generate(state_dict, cfg, prompt_ids, **sampler_keywords(params, special), **fast)
