@@ -29,6 +29,17 @@ class ServerConfig:
     max_mc_num: int = setting(1024, "largest mc_num for /v1/loglikelihood")
     max_score_requests: int = setting(64, "most (context, continuation) pairs in one scoring call")
     max_body_bytes: int = setting(1_000_000, "largest request body; past it, 413")
+    max_cache_memory: str = setting(
+        "auto",
+        "KV-cache memory of the fast decoding modes, e.g. 8G or 512M; past it, cached requests wait (auto: 40%% "
+        "of the device's free memory on CUDA, 2G on CPU)",
+    )
+    default_cache: str = setting("none", "KV cache of requests that give none: none, prefix or dual")
+    default_threshold: float | None = setting(
+        None, "confidence threshold of requests that give neither threshold nor factor"
+    )
+    default_factor: float | None = setting(None, "factor of requests that give neither threshold nor factor")
+    default_early_stop: bool = setting(False, "early stop for requests that do not say")
     request_timeout: float = setting(600.0, "seconds a request may take, queue time included; past it, 504")
     shutdown_grace: float = setting(30.0, "seconds SIGTERM waits for accepted work before answering it with an error")
     api_key: tuple[str, ...] = setting((), "accepted Bearer key (repeatable; env LLADA_API_KEYS, comma-separated)")
@@ -50,7 +61,25 @@ class ServerConfig:
 
 # Plural environment names read better for the comma-separated lists.
 ENV_NAMES = {"api_key": "LLADA_API_KEYS", "cors_origin": "LLADA_CORS_ORIGINS"}
-CHOICES = {"log_format": ("text", "json"), "log_level": ("debug", "info", "warning", "error")}
+CACHE_MODES = ("none", "prefix", "dual")
+CHOICES = {
+    "log_format": ("text", "json"),
+    "log_level": ("debug", "info", "warning", "error"),
+    "default_cache": CACHE_MODES,
+}
+SIZE_UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+
+
+def parse_size(text: str) -> int | None:
+    """Bytes of a size like 512M, 8G, 1.5GiB or 1000000; None for auto. ValueError if unreadable."""
+    value = text.strip().upper().removesuffix("IB").removesuffix("B")
+    if value == "AUTO":
+        return None
+    unit = value[-1:] if value[-1:] in SIZE_UNITS and not value[-1:].isdigit() else ""
+    number = float(value[: len(value) - len(unit)])
+    if number < 0:
+        raise ValueError(text)
+    return int(number * SIZE_UNITS[unit])
 
 
 def env_name(name: str) -> str:
@@ -75,6 +104,8 @@ def _from_env(f: dataclasses.Field, raw: str):
         return int(raw)
     if f.type == "float":
         return float(raw)
+    if f.type == "float | None":
+        return float(raw) if raw.strip() else None
     return raw or None if f.type == "str | None" else raw
 
 
@@ -93,7 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
         elif f.type == "tuple[str, ...]":
             parser.add_argument(flag, action="append", default=None, help=help_text)
         else:
-            kind = {"int": int, "float": float}.get(f.type, str)
+            kind = {"int": int, "float": float, "float | None": float}.get(f.type, str)
             parser.add_argument(flag, type=kind, default=None, choices=CHOICES.get(f.name), help=help_text)
     return parser
 
@@ -139,6 +170,16 @@ def check_config(config: ServerConfig) -> list[str]:
     for name in ("request_timeout", "shutdown_grace"):
         if getattr(config, name) <= 0:
             problems.append(f"--{name.replace('_', '-')} must be positive")
+    try:
+        parse_size(config.max_cache_memory)
+    except ValueError:
+        problems.append(f"--max-cache-memory {config.max_cache_memory!r} is not a size: use auto, or e.g. 8G, 512M")
+    if config.default_threshold is not None and not 0 < config.default_threshold <= 1:
+        problems.append("--default-threshold must be in (0, 1]")
+    if config.default_factor is not None and config.default_factor <= 0:
+        problems.append("--default-factor must be positive")
+    if config.default_threshold is not None and config.default_factor is not None:
+        problems.append("--default-threshold and --default-factor cannot both be set")
     if config.max_batch_rows < 2:
         problems.append("--max-batch-rows must be at least 2 so that a CFG request (two rows) fits")
     return problems

@@ -188,6 +188,18 @@ class Metrics:
             namespace=_NS,
             registry=r,
         )
+        self.kv_cache_bytes = Gauge(
+            "kv_cache_bytes",
+            "KV-cache memory held by running requests of the fast decoding modes, in bytes.",
+            namespace=_NS,
+            registry=r,
+        )
+        self.kv_cache_capacity_bytes = Gauge(
+            "kv_cache_capacity_bytes",
+            "The KV-cache budget (--max-cache-memory) in bytes.",
+            namespace=_NS,
+            registry=r,
+        )
 
         # Export label sets that are known up front, so dashboards show zeros, not gaps.
         for reason in REJECT_REASONS:

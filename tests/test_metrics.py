@@ -23,7 +23,13 @@ COUNTERS = (
     "llada_cancelled_total",
     "llada_engine_errors_total",
 )
-GAUGES = ("llada_queue_depth", "llada_running_jobs", "llada_device_memory_bytes")
+GAUGES = (
+    "llada_queue_depth",
+    "llada_running_jobs",
+    "llada_device_memory_bytes",
+    "llada_kv_cache_bytes",
+    "llada_kv_cache_capacity_bytes",
+)
 
 
 def _samples(m: Metrics) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:

@@ -14,7 +14,7 @@ from server.api.openai_routes import router as openai_router
 from server.api.routes import router
 from server.api.state import ServerState
 from server.api.ui import PAGE_FILES, page_router
-from server.config import ServerConfig
+from server.config import ServerConfig, parse_size
 from server.engine.engine import Engine, EngineSettings
 from server.engine.loader import LoadedModel
 from server.engine.startup import load_model
@@ -25,6 +25,7 @@ def engine_settings(config: ServerConfig) -> EngineSettings:
     return EngineSettings(
         max_batch_rows=config.max_batch_rows,
         max_queue=config.max_queue,
+        max_cache_bytes=parse_size(config.max_cache_memory),
         inject_faults=config.inject_faults,
     )
 

@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING
 
 from server.api.errors import ApiError
+from server.engine.errors import RequestTooLarge
 from server.engine.events import TERMINAL, JobFailed
 from server.engine.model_info import ModelInfo
 from server.engine.sampling_params import SamplingParams, ScoreParams
@@ -117,6 +118,8 @@ class EngineClient:
             ) from None
         except SchedulerClosed:
             raise draining_error() from None
+        except RequestTooLarge as exc:
+            raise ApiError(400, str(exc), param=exc.param, code="too_large") from None
         return handle
 
     def generate(self, prompt_ids: list[int], params: SamplingParams, stream: bool) -> RequestHandle:

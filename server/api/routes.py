@@ -195,6 +195,7 @@ def _generation_response(
         text=text,
         token_ids=done.token_ids,
         finish_reason="stop" if stopped else "length",
+        approximate=done.approximate,
         usage=Usage(prompt_tokens=len(ids), completion_tokens=len(done.token_ids), nfe=done.steps),
         timing=Timing(queue_s=done.queue_s, total_s=total),
     )

@@ -54,6 +54,11 @@ class DiffusionSettings(BaseModel):
     logits_eos_inf: bool = False
     confidence_eos_eot_inf: bool = False
     constraints: list[Constraint] = Field(default_factory=list)
+    # Fast decoding (LLADA.md); left out: the server's --default-* settings. Checked by validation.py.
+    cache: str | None = Field(default=None, description='KV cache: "none", "prefix" or "dual"')
+    threshold: FiniteFloat | None = Field(default=None, description="reveal every masked position this confident")
+    factor: FiniteFloat | None = Field(default=None, description="Fast-dLLM's factor rule; not with threshold")
+    early_stop: bool | None = Field(default=None, description="end the answer after a finished block with EOS")
 
 
 class SamplingSettings(DiffusionSettings):
@@ -86,6 +91,7 @@ class GenerateResponse(BaseModel):
     text: str
     token_ids: list[int]
     finish_reason: Literal["stop", "length"]
+    approximate: bool  # a cache, threshold or factor was used: the answer may differ from the exact sampler's
     usage: Usage
     timing: Timing
 

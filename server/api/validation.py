@@ -7,7 +7,7 @@ from pydantic import BaseModel
 
 from server.api.errors import ApiError
 from server.api.schemas import Constraint, GenerateRequest, LoglikelihoodRequest, PromptFields
-from server.config import ServerConfig
+from server.config import CACHE_MODES, ServerConfig
 from server.engine.model_info import ModelInfo
 from server.engine.sampling_params import SamplingParams, ScoreParams
 
@@ -130,7 +130,28 @@ def sampling_params(request: GenerateRequest, prompt_len: int, info: ModelInfo, 
         confidence_eos_eot_inf=request.confidence_eos_eot_inf,
         seed=request.seed,
         constraints=constraint_tokens(request.constraints, gen_length, info),
+        **fast_decoding(request, config),
     )
+
+
+def fast_decoding(request: GenerateRequest, config: ServerConfig) -> dict:
+    """cache, threshold, factor and early_stop: the request's, or the server's defaults for what it
+    leaves out (a request that names threshold or factor, even as null, takes neither default)."""
+    cache = request.cache if request.cache is not None else config.default_cache
+    if cache not in CACHE_MODES:
+        raise bad(f"cache {cache!r} is not one of {', '.join(CACHE_MODES)}", "cache")
+    if request.threshold is not None and request.factor is not None:
+        raise bad("give threshold or factor, not both", "factor")
+    if {"threshold", "factor"} & request.model_fields_set:
+        threshold, factor = request.threshold, request.factor
+    else:
+        threshold, factor = config.default_threshold, config.default_factor
+    if threshold is not None and not 0 < threshold <= 1:
+        raise bad(f"threshold {threshold:g} is not in (0, 1]", "threshold")
+    if factor is not None and factor <= 0:
+        raise bad(f"factor {factor:g} must be positive", "factor")
+    early_stop = request.early_stop if request.early_stop is not None else config.default_early_stop
+    return dict(cache=cache, threshold=threshold, factor=factor, early_stop=early_stop)
 
 
 def score_inputs(

@@ -22,10 +22,12 @@ from dataclasses import dataclass
 
 import torch
 
-from server.engine.denoiser import DenoiseJob, Denoiser
+from server.engine.denoiser import DenoiseJob, Denoiser, cache_pages_for
+from server.engine.errors import RequestTooLarge
 from server.engine.events import GenerationDone, GenerationStep, JobFailed, ScoringDone
 from server.engine.faults import FaultInjector
 from server.engine.hooks import ForwardHooks
+from server.engine.kv_cache import PAGE_TOKENS, bytes_per_token
 from server.engine.likelihood import Scorer, ScoringJob
 from server.engine.loader import LoadedModel
 from server.engine.model_info import ModelInfo
@@ -43,7 +45,20 @@ Sink = Callable[[object], None]
 class EngineSettings:
     max_batch_rows: int = 16
     max_queue: int = 64
+    max_cache_bytes: int | None = None  # None: a share of free CUDA memory, or CPU_CACHE_BYTES
     inject_faults: str | None = None  # test only: see faults.py
+
+
+CPU_CACHE_BYTES = 2 * 2**30
+CUDA_CACHE_SHARE = 0.4  # of the device memory free once the model is loaded
+
+
+def cache_budget(settings: EngineSettings, device: torch.device) -> int:
+    if settings.max_cache_bytes is not None:
+        return settings.max_cache_bytes
+    if device.type == "cuda":
+        return int(CUDA_CACHE_SHARE * torch.cuda.mem_get_info(device)[0])
+    return CPU_CACHE_BYTES
 
 
 @dataclass(eq=False)
@@ -63,10 +78,13 @@ class Engine:
     ):
         self.loaded = loaded
         self.info: ModelInfo = loaded.info
-        self.scheduler = Scheduler(settings.max_batch_rows, settings.max_queue)
+        self.page_bytes = bytes_per_token(loaded.config, loaded.dtype) * PAGE_TOKENS
+        cache_pages = cache_budget(settings, loaded.device) // self.page_bytes
+        self.scheduler = Scheduler(settings.max_batch_rows, settings.max_queue, cache_pages)
         self.metrics = metrics or Metrics()
+        self.metrics.kv_cache_capacity_bytes.set(cache_pages * self.page_bytes)
         hooks = ForwardHooks(FaultInjector(settings.inject_faults), self.metrics)
-        self.denoiser = Denoiser(loaded, hooks)
+        self.denoiser = Denoiser(loaded, hooks, cache_pages)
         self.scorer = Scorer(loaded, hooks)
         self.poll_s = poll_s
         self.death: str | None = None
@@ -98,15 +116,25 @@ class Engine:
 
     def submit_generate(self, prompt_ids: list[int], params: SamplingParams, sink: Sink, report_steps: bool) -> str:
         """report_steps: send a GenerationStep per step (streams); otherwise only the final event,
-        which spares the event loop a wake-up per step."""
+        which spares the event loop a wake-up per step. Raises RequestTooLarge for a cache that
+        could never fit."""
+        pages = cache_pages_for(len(prompt_ids), params)
+        if pages > self.scheduler.max_cache_pages:
+            needs, allows = pages * self.page_bytes / 2**20, self.scheduler.max_cache_pages * self.page_bytes / 2**20
+            raise RequestTooLarge(
+                "cache",
+                f"this request's KV cache needs {needs:.1f} MiB but --max-cache-memory allows {allows:.1f} MiB; "
+                "use cache none, a shorter request, or a larger --max-cache-memory",
+            )
         job = Job(
             JobKind.GENERATE,
             length=len(prompt_ids) + params.gen_length,
             rows_per_unit=params.rows,
+            cache_pages=pages,
             payload=WorkItem(sink, time.monotonic(), list(prompt_ids), params, report_steps),
         )
         if len(params.constraints) == params.gen_length:  # every answer position is pinned
-            sink(GenerationDone([token for _, token in sorted(params.constraints)], 0, 0.0))
+            sink(GenerationDone([token for _, token in sorted(params.constraints)], 0, 0.0, params.approximate))
             return job.id
         return self._submit(job)
 
@@ -215,8 +243,11 @@ class Engine:
                 item.sink(GenerationStep(event.step, event.block, event.reveals, event.masked))
             self.metrics.generated_tokens_total.inc(event.revealed)
             if event.finished:
-                self.scheduler.finish(job.id)
-                item.sink(GenerationDone(event.job.answer, event.step, item.started - item.submitted))
+                self._leave(job)
+                done = GenerationDone(
+                    event.job.answer, event.step, item.started - item.submitted, item.params.approximate
+                )
+                item.sink(done)
         self.metrics.denoise_steps_total.inc(len(events))
 
     def _score(self, work: list[tuple[Job, int]]) -> None:
@@ -248,33 +279,46 @@ class Engine:
                     continue
                 self.metrics.loglikelihood_samples_total.inc(engine_job.rows_done - before[job.id])
                 if engine_job.finished:
-                    self.scheduler.finish(job.id)
+                    self._leave(job)
                     item: WorkItem = job.payload
                     item.sink(ScoringDone(engine_job.results, engine_job.rows_done, item.started - item.submitted))
                 else:
                     self.scheduler.update_units(job.id, engine_job.units)
 
+    def _leave(self, job: Job) -> None:
+        """The one way out of the scheduler for a job that ran: its cache pages go back too."""
+        self.scheduler.finish(job.id)
+        self._release(job)
+
+    def _release(self, job: Job) -> None:
+        if isinstance(job.payload.engine_job, DenoiseJob):
+            self.denoiser.release(job.payload.engine_job)
+
     def _fail(self, jobs: list[Job], code: str, message: str) -> None:
         log.error("%s: failing %d job(s): %s", code, len(jobs), message)
         self.metrics.engine_errors_total.inc()
         for job in jobs:
-            self.scheduler.finish(job.id)
+            self._leave(job)
             job.payload.sink(JobFailed(code, message))
 
     def _answer_cancelled(self) -> None:
-        for job in self.scheduler.drain_cancelled():
+        for job in self.scheduler.drain_cancelled():  # already out of the scheduler
+            self._release(job)
             self.metrics.cancelled_total.inc()
             job.payload.sink(JobFailed("cancelled", "the request was cancelled"))
 
     def _fail_all(self, code: str, message: str) -> None:
         self.scheduler.close()
         for job in self.scheduler.drain_all():
+            self._release(job)
             job.payload.sink(JobFailed("cancelled" if job.cancelled else code, message))
         self._update_gauges()
 
     def _update_gauges(self) -> None:
         self.metrics.queue_depth.set(self.scheduler.queue_depth)
         self.metrics.running_jobs.set(self.scheduler.running)
+        pool = self.denoiser.pool
+        self.metrics.kv_cache_bytes.set(pool.bytes_in_use if pool else 0)
 
 
 def _release_cached_memory(device: torch.device) -> None:

@@ -7,3 +7,11 @@ class CheckpointError(Exception):
 
 class DeviceError(Exception):
     """A device or dtype that this machine cannot provide."""
+
+
+class RequestTooLarge(ValueError):
+    """A request that this engine could never run (the API answers 400 naming `param`)."""
+
+    def __init__(self, param: str, message: str):
+        super().__init__(message)
+        self.param = param

@@ -24,8 +24,9 @@ class GenerationStep:
 @dataclass(frozen=True)
 class GenerationDone:
     token_ids: list[int]
-    steps: int
+    steps: int  # forwards that ran for it (usage.nfe)
     queue_s: float
+    approximate: bool = False  # a cache, threshold or factor was used (SamplingParams.approximate)
 
 
 @dataclass(frozen=True)

@@ -37,6 +37,7 @@ class Job:
     length: int
     rows_per_unit: int
     units: int = 1
+    cache_pages: int = 0  # KV-cache pages it holds while it runs (fast decoding)
     payload: object = None
     id: str = field(default_factory=_new_id)
     enqueued_at: float = field(default_factory=time.monotonic)

@@ -11,8 +11,9 @@ Rules, and why they cannot starve anyone:
   never share a forward and each has its own row budget, so a score job queued behind a
   generate job that cannot fit yet takes nothing from it.
 * Generate capacity: a generate job is admitted only while the running generate jobs' rows
-  stay <= ``max_rows``. Therefore all running generate jobs always fit into one step by row
-  count, and they all step every iteration.
+  stay <= ``max_rows`` and their KV-cache pages (fast decoding) stay within the cache budget.
+  Therefore all running generate jobs always fit into one step by row count, they all step
+  every iteration, and every admitted job's cache can be allocated.
 * Score capacity: score work is time-sliced by units, so a score job is admitted while the
   running score jobs' outstanding rows leave room in the next score forward. That keeps just
   enough score jobs running to fill a forward and leaves the rest visible as queue depth
@@ -30,11 +31,19 @@ from collections.abc import Iterable, Sequence
 from .jobs import Job, JobKind
 
 
-def admit(waiting: Iterable[Job], generate_rows: int, score_rows: int, max_rows: int) -> list[Job]:
+def admit(
+    waiting: Iterable[Job],
+    generate_rows: int,
+    score_rows: int,
+    max_rows: int,
+    cache_pages: int = 0,
+    max_cache_pages: int = 0,
+) -> list[Job]:
     """Which waiting jobs (oldest first) join the running set now.
 
     ``generate_rows``: rows of the running generate jobs. ``score_rows``: outstanding rows
-    (units * rows_per_unit) of the running score jobs. See the module docstring for the rules.
+    (units * rows_per_unit) of the running score jobs. ``cache_pages``: the KV-cache pages the
+    running jobs hold. See the module docstring for the rules.
     """
     admitted: list[Job] = []
     blocked: set[JobKind] = set()
@@ -42,8 +51,9 @@ def admit(waiting: Iterable[Job], generate_rows: int, score_rows: int, max_rows:
         if job.cancelled or job.kind in blocked:
             continue
         if job.kind is JobKind.GENERATE:
-            if generate_rows + job.rows_per_unit <= max_rows:
+            if generate_rows + job.rows_per_unit <= max_rows and cache_pages + job.cache_pages <= max_cache_pages:
                 generate_rows += job.rows_per_unit
+                cache_pages += job.cache_pages
                 admitted.append(job)
             else:
                 blocked.add(job.kind)

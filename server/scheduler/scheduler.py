@@ -23,8 +23,9 @@ finished job frees its rows for the next call. Work accepted before ``close()`` 
 finishes in-flight requests.
 
 Over-sized jobs: ``submit`` rejects with ``ValueError`` a job whose ``rows_per_unit`` exceeds
-``max_batch_rows`` (chosen over "run it alone": such a job would break the memory budget the
-row cap exists to protect). The API should validate earlier and answer 400.
+``max_batch_rows`` or whose ``cache_pages`` exceed ``max_cache_pages`` (chosen over "run it
+alone": such a job would break the memory budget the bound exists to protect). The API should
+validate earlier and answer 400. A job within the bounds that does not fit now waits.
 """
 
 from __future__ import annotations
@@ -44,12 +45,14 @@ class Scheduler:
         self,
         max_batch_rows: int,
         max_queue: int,
+        max_cache_pages: int = 0,
         *,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if max_batch_rows < 1:
             raise ValueError("max_batch_rows must be >= 1")
         self.max_batch_rows = max_batch_rows
+        self.max_cache_pages = max_cache_pages
         self._clock = clock  # only for the Retry-After estimate; injectable for tests
 
         # One condition guards everything below: the state is small and every operation is
@@ -226,6 +229,8 @@ class Scheduler:
             raise ValueError("job.rows_per_unit must be >= 1")
         if job.rows_per_unit > self.max_batch_rows:
             raise ValueError(f"job needs {job.rows_per_unit} rows per unit but max_batch_rows is {self.max_batch_rows}")
+        if job.cache_pages > self.max_cache_pages:
+            raise ValueError(f"job needs {job.cache_pages} KV-cache pages but the budget is {self.max_cache_pages}")
         if job.kind is JobKind.GENERATE and job.units != 1:
             raise ValueError("generate jobs have exactly 1 unit")
         if job.units < 0:
@@ -250,7 +255,10 @@ class Scheduler:
             return
         generate_rows = sum(j.rows_per_unit for j in self._running_generate)
         score_rows = sum(j.rows for j in self._running_score)
-        admitted = policy.admit(iter(self._waiting), generate_rows, score_rows, self.max_batch_rows)
+        cache_pages = sum(j.cache_pages for j in self._running_generate)
+        admitted = policy.admit(
+            iter(self._waiting), generate_rows, score_rows, self.max_batch_rows, cache_pages, self.max_cache_pages
+        )
         self._waiting.remove_many(admitted)
         for job in admitted:
             self._running[job.id] = job

@@ -26,7 +26,7 @@ def generate(client, **body) -> dict:
 
 def check_generation(body: dict, loaded, gen_length: int, prompt_tokens: int | None = None) -> None:
     """The response shape of DESIGN.md and the consistency of text, token_ids and finish_reason."""
-    assert set(body) == {"id", "model", "text", "token_ids", "finish_reason", "usage", "timing"}
+    assert set(body) == {"id", "model", "text", "token_ids", "finish_reason", "approximate", "usage", "timing"}
     assert isinstance(body["id"], str) and body["id"]
     assert body["model"] == loaded.name
     ids = body["token_ids"]

@@ -616,3 +616,18 @@ def test_many_submitters_one_worker() -> None:
     assert ended == {j.id for j in submitted}
     assert sched.queue_depth == 0 and sched.running == 0
     assert sched.pending() == []
+
+
+def test_cache_memory_bounds_admission_and_a_waiting_job_joins_when_pages_free() -> None:
+    sched = Scheduler(max_batch_rows=8, max_queue=8, max_cache_pages=10)
+    first, second = Job(G, 16, 1, cache_pages=6), Job(G, 16, 1, cache_pages=6)
+    exact = Job(G, 16, 1)
+    for job in (first, second, exact):
+        sched.submit(job)
+    # rows would allow all three; pages allow the first only, and FIFO keeps the exact job behind
+    assert sched.next_batch(0).jobs == [first]
+    assert sched.queue_depth == 2
+    sched.finish(first.id)
+    assert sched.next_batch(0).jobs == [second, exact]
+    with pytest.raises(ValueError, match="KV-cache pages"):
+        sched.submit(Job(G, 16, 1, cache_pages=11))
