@@ -27,18 +27,18 @@ SAMPLE_ROWS = 64
 
 @dataclass(frozen=True)
 class ChoiceJob:
-    """One job's part of a step's choice."""
+    """One job's part of a step's choice; the defaults pick the single most confident argmax."""
 
     candidates: int
-    count: int  # how many to reveal, unless a threshold or a factor decides
-    threshold: float | None
-    factor: float | None
-    cfg_factor: float | None  # cfg_scale + 1 under CFG
-    temperature: float
-    random_remasking: bool
-    logits_eos_inf: bool
-    exclude_stops: bool  # confidence_eos_eot_inf
-    generator: torch.Generator | None  # needed when the job draws: temperature > 0 or random remasking
+    count: int = 1  # how many to reveal, unless a threshold or a factor decides
+    threshold: float | None = None
+    factor: float | None = None
+    cfg_factor: float | None = None  # cfg_scale + 1 under CFG
+    temperature: float = 0.0
+    random_remasking: bool = False
+    logits_eos_inf: bool = False
+    exclude_stops: bool = False  # confidence_eos_eot_inf
+    generator: torch.Generator | None = None  # needed when the job draws: temperature > 0 or random remasking
 
 
 def choose(

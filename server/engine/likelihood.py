@@ -17,6 +17,8 @@ value, exactly, without mc_num forwards.
 
 from __future__ import annotations
 
+import functools
+import itertools
 import math
 import random
 from collections.abc import Iterator
@@ -25,7 +27,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from server.engine.choice import guide
+from server.engine.choice import ChoiceJob, choose, guide
 from server.engine.events import ScoreResult
 from server.engine.forwards import RowInput, Work, index, run_step, unconditional
 from server.engine.hooks import ForwardHooks
@@ -161,14 +163,8 @@ class Scorer:
                 works.append(Work(job, RowInput(tokens), positions, uncond))
                 rows_of[id(works[-1])] = row
         try:
-            outcome = run_step(
-                self.model,
-                works,
-                self.pad_id,
-                self.hooks,
-                HEAD_ROWS,
-                lambda logits, chunk: self._decide(logits, chunk, rows_of),
-            )
+            decide = functools.partial(self._decide, rows_of=rows_of)
+            outcome = run_step(self.model, works, self.pad_id, self.hooks, HEAD_ROWS, decide)
         except BaseException:
             for job, _, mc in taken:
                 job.give_back(mc)
@@ -188,42 +184,32 @@ class Scorer:
         return ScoreStep(ran, outcome.failed)
 
     def _decide(self, logits: torch.Tensor, chunk: list[Work], rows_of: dict[int, McRow | GreedyState]) -> torch.Tensor:
-        """[works, 2] float64: an MC row's loss (and 0), a greedy row's most confident masked
-        index and its token."""
+        """[works, 2] float64: an MC row's loss (and 0); a greedy row's most confident masked index
+        and its token (the token choice of a step revealing one, at temperature 0)."""
         device = logits.device
-        starts, n = [], 0
-        for work in chunk:
-            starts.append(n)
-            n += len(work.positions)
-        cond = logits[:n]
-        guided = [(work, start) for work, start in zip(chunk, starts) if work.uncond is not None]
+        starts = list(itertools.accumulate((len(work.positions) for work in chunk), initial=0))
+        cond = logits[: starts[-1]]
+
+        def rows(items: list[int]) -> list[int]:
+            return [r for i in items for r in range(starts[i], starts[i + 1])]
+
+        guided = [i for i, work in enumerate(chunk) if work.uncond is not None]
         if guided:
-            rows = [start + r for work, start in guided for r in range(len(work.positions))]
-            factors = [work.owner.params.cfg_scale + 1.0 for work, _ in guided for _ in work.positions]
-            guide(cond, logits[n:], rows, factors)
+            factors = [chunk[i].owner.params.cfg_scale + 1.0 for i in guided for _ in chunk[i].positions]
+            guide(cond, logits[starts[-1] :], rows(guided), factors)
         out = torch.zeros((len(chunk), 2), dtype=torch.float64, device=device)
         mc = [i for i, work in enumerate(chunk) if isinstance(rows_of[id(work)], McRow)]
         if mc:
-            rows = index([starts[i] + r for i in mc for r in range(len(chunk[i].positions))], device)
             targets = index([t for i in mc for t in rows_of[id(chunk[i])].targets], device)
             owner = index([i for i in mc for _ in chunk[i].positions], device)
-            loss = F.cross_entropy(cond.index_select(0, rows), targets, reduction="none").double()
-            out[:, 0].index_add_(0, owner, loss)
+            loss = F.cross_entropy(cond.index_select(0, index(rows(mc), device)), targets, reduction="none")
+            out[:, 0].index_add_(0, owner, loss.double())
         greedy = [i for i, work in enumerate(chunk) if isinstance(rows_of[id(work)], GreedyState)]
         if greedy:
-            # the single most confident masked position; argmax ties go to the lower position
             width = max(len(chunk[i].positions) for i in greedy)
-            picked = cond.index_select(
-                0, index([starts[i] + r for i in greedy for r in range(len(chunk[i].positions))], device)
-            )
-            tokens = picked.argmax(-1)
-            confidence = torch.softmax(picked, -1).gather(-1, tokens[:, None]).squeeze(-1)
-            slot = index([g * width + r for g, i in enumerate(greedy) for r in range(len(chunk[i].positions))], device)
-            ranked = torch.full((len(greedy) * width,), float("-inf"), device=device)
-            best = ranked.index_copy_(0, slot, confidence).view(len(greedy), width).argmax(-1)
-            by_slot = torch.zeros(len(greedy) * width, dtype=torch.long, device=device).index_copy_(0, slot, tokens)
-            best_token = by_slot.view(len(greedy), width).gather(1, best[:, None]).squeeze(1)
-            out.index_copy_(0, index(greedy, device), torch.stack([best, best_token], dim=1).double())
+            picks = [ChoiceJob(candidates=len(chunk[i].positions)) for i in greedy]
+            best = choose(cond.index_select(0, index(rows(greedy), device)), picks, self.pad_id, (), width)
+            out.index_copy_(0, index(greedy, device), best[:, [0, width]])
         return out
 
     def _commit(self, work: Work, row: McRow | GreedyState, value: list[float]) -> None:

@@ -224,6 +224,22 @@ def test_an_answer_paints_each_step_then_shows_the_servers_text(server, open_pag
     run.assert_clean(server)
 
 
+def test_fast_decoding_settings_go_to_the_server_and_the_answer_says_approximate(server, open_page):
+    run = open_page(server)
+    run.page.select_option("#cache", "dual")
+    run.page.check("#early_stop")
+    run.ask("Quick, please", gen_length=64, steps=64, threshold=0.2)
+    (text,) = run.wait_for_answers(1)
+    (body,) = run.generate_bodies()
+    assert (body["cache"], body["threshold"], body["early_stop"]) == ("dual", 0.2, True)
+    answer = server_answer(server, body)
+    assert text == answer["text"] and answer["approximate"] is True
+    assert answer["usage"]["nfe"] < 64  # the threshold revealed several tokens in some steps
+    assert run.page.text_content("#fig-nfe") == str(answer["usage"]["nfe"])
+    assert "approximate" in run.page.text_content("#status")
+    run.assert_clean(server)
+
+
 def test_the_second_turn_sends_the_history_and_new_chat_clears_it(server, open_page):
     run = open_page(server)
     run.ask("Hello", gen_length=32, steps=16)
