@@ -14,7 +14,9 @@ gen_length 64, block_length 32, steps 64, prompts of the same length.
 - device-to-host transfers: the calls that would wait for a GPU (Tensor.tolist, .item, bool/int/
   float of a tensor, .cpu, .numpy, and aten::nonzero, whose output size is read back), counted by
   wrapping them while the steps run;
-- steps/s: --timed-steps steps after one warm-up step, wall time.
+- steps/s: --timed-steps steps after one warm-up step, wall time; the trees take turns for
+  --rounds rounds (a child process each) and the median is reported, so that load that comes
+  and goes on a shared machine weighs on both alike.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -41,9 +44,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--models", default="tiny,bench")
     p.add_argument("--profile-steps", type=int, default=3)
     p.add_argument("--timed-steps", type=int, default=20)
+    p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--json", dest="json_path")
     p.add_argument("--child", type=Path, help=argparse.SUPPRESS)  # measure the tree at this path
+    p.add_argument("--timing-only", action="store_true", help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 
@@ -79,6 +84,13 @@ def measure_tree(args: argparse.Namespace) -> dict:
             denoiser = Denoiser(loaded)
             jobs = [denoiser.new_job(prompt, params) for _ in range(batch)]
             denoiser.step(jobs)  # warm-up
+            start = time.perf_counter()
+            for _ in range(args.timed_steps):
+                denoiser.step(jobs)
+            wall = time.perf_counter() - start
+            rows[str(batch)] = {"steps_per_s": round(args.timed_steps / wall, 2)}
+            if args.timing_only:
+                continue
             originals = {}
             for name in READBACKS:
                 originals[name], wrapper = counting(name)
@@ -91,26 +103,22 @@ def measure_tree(args: argparse.Namespace) -> dict:
             finally:
                 for name, original in originals.items():
                     setattr(torch.Tensor, name, original)
+            assert not any(job.finished for job in jobs), "the measured steps ran past the answer"
             events = [e.name for e in prof.events()]
             aten = sum(1 for name in events if name.startswith("aten::"))
             nonzero = sum(1 for name in events if name == "aten::nonzero")
-            start = time.perf_counter()
-            for _ in range(args.timed_steps):
-                denoiser.step(jobs)
-            wall = time.perf_counter() - start
-            assert not any(job.finished for job in jobs), "the timed steps ran past the answer"
-            rows[str(batch)] = {
-                "aten_ops_per_step": round(aten / args.profile_steps, 1),
-                "readbacks_per_step": round((counts["n"] + nonzero) / args.profile_steps, 2),
-                "steps_per_s": round(args.timed_steps / wall, 2),
-            }
+            rows[str(batch)].update(
+                aten_ops_per_step=round(aten / args.profile_steps, 1),
+                readbacks_per_step=round((counts["n"] + nonzero) / args.profile_steps, 2),
+            )
         out[model_name] = rows
     return out
 
 
-def run_child(tree: Path, args: argparse.Namespace) -> dict:
+def run_child(tree: Path, args: argparse.Namespace, timing_only: bool = False) -> dict:
     """This file run as a script (so `server` comes from the tree on PYTHONPATH, not from here)."""
     command = [sys.executable, __file__, "--child", str(tree), "--models", args.models]
+    command += ["--timing-only"] if timing_only else []
     command += ["--profile-steps", str(args.profile_steps), "--timed-steps", str(args.timed_steps)]
     if args.threads:
         command += ["--threads", str(args.threads)]
@@ -119,6 +127,14 @@ def run_child(tree: Path, args: argparse.Namespace) -> dict:
     if proc.returncode != 0:
         raise RuntimeError(f"measuring {tree} failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def tree_rates(measured: dict) -> dict:
+    return {(model, batch): row["steps_per_s"] for model, rows in measured.items() for batch, row in rows.items()}
+
+
+def rates_by_key(rounds: list[dict]) -> dict:
+    return {key: [r[key] for r in rounds] for key in rounds[0]}
 
 
 def compare(current: dict, baseline: dict) -> dict:
@@ -172,15 +188,33 @@ def main(argv: list[str] | None = None) -> None:
     from loadtests.common import REPO_ROOT, finish, machine_info
 
     started = time.perf_counter()
+    trees = {"this_tree": REPO_ROOT, **({"baseline_tree": args.baseline} if args.baseline else {})}
+    measured = {name: run_child(tree, args) for name, tree in trees.items()}
+    rates = {name: [tree_rates(measured[name])] for name in trees}
+    for _ in range(args.rounds - 1):
+        for name, tree in trees.items():
+            rates[name].append(tree_rates(run_child(tree, args, timing_only=True)))
+    for name in trees:
+        for key, values in rates_by_key(rates[name]).items():
+            model, batch = key
+            measured[name][model][batch]["steps_per_s"] = statistics.median(values)
+            measured[name][model][batch]["steps_per_s_rounds"] = values
     result = {
         "command": "python -m loadtests.bench_step " + " ".join(sys.argv[1:] if argv is None else argv),
         "machine": machine_info(torch.device("cpu")),
-        "settings": {"temperature": 0, "gen_length": 64, "block_length": 32, "steps": 64, "batches": BATCHES},
-        "this_tree": run_child(REPO_ROOT, args),
+        "settings": {
+            "temperature": 0,
+            "gen_length": 64,
+            "block_length": 32,
+            "steps": 64,
+            "batches": BATCHES,
+            "rounds": args.rounds,
+        },
+        "this_tree": measured["this_tree"],
     }
     if args.baseline:
-        result["baseline_tree"] = {"path": str(args.baseline), **run_child(args.baseline, args)}
-        result["this_over_baseline"] = compare(result["this_tree"], result["baseline_tree"])
+        result["baseline_tree"] = {"path": str(args.baseline), **measured["baseline_tree"]}
+        result["this_over_baseline"] = compare(result["this_tree"], measured["baseline_tree"])
     result["goals"] = goals(result["this_tree"])
     finish(result, started, args.json_path)
 
