@@ -7,7 +7,7 @@ import httpx
 import pytest
 
 from tests.e2e import HTTP_TIMEOUT, assert_error_response
-from tests.ray import RayServer
+from tests.ray_serve import RayServer
 from tests.support import wait_for
 
 

@@ -17,7 +17,7 @@ import pytest
 from tests.e2e import HTTP_TIMEOUT, assert_envelope, astream_events, check_answer
 from tests.e2e.test_concurrency import MIXED
 from tests.e2e.test_concurrency import _send as send
-from tests.ray import RayServer, replica_label
+from tests.ray_serve import RayServer, replica_label
 from tests.support import scrape, wait_for
 
 MAX_BATCH_ROWS = 4
