@@ -20,24 +20,22 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import httpx
-import torch
 
 from loadtests.bench_server import (
-    cpu_busy_share,
     fixed_payloads,
     load_average,
     load_run,
+    run_header,
     server_args,
     timed_http,
     write_model,
 )
-from loadtests.common import add_model_args, finish, machine_info
+from loadtests.common import add_model_args, add_request_set_args, finish
 from loadtests.loadgen import format_report, make_payload
 from tests.ray_serve import RayServer, replica_label
 from tests.support import Scrape, ServerProcess, scrape
@@ -46,16 +44,9 @@ from tests.support import Scrape, ServerProcess, scrape
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_args(p)
-    p.add_argument("--max-batch-rows", type=int, default=16)
+    add_request_set_args(p, requests=32, clients=16)
     p.add_argument("--replicas", type=int, default=2, help="replicas of the scale-out run (default 2)")
     p.add_argument("--cpus-per-replica", type=int, default=1, help="CPUs (torch threads) per replica (default 1)")
-    p.add_argument("--requests", type=int, default=32, help="requests in the fixed set (default 32)")
-    p.add_argument("--clients", type=int, default=16, help="concurrent clients (default 16)")
-    p.add_argument("--prompt-tokens", type=int, default=48)
-    p.add_argument("--gen-length", type=int, default=64)
-    p.add_argument("--steps", type=int, default=32)
-    p.add_argument("--block-length", type=int, default=32)
-    p.add_argument("--stream-share", type=float, default=0.5, help="share of the fixed-set requests sent streamed")
     p.add_argument("--overhead-repeats", type=int, default=5)
     p.add_argument("--max-seconds", type=float, default=600.0, help="hard bound of each load run")
     p.add_argument("--json", dest="json_path", default=None, help="write the figures to this file")
@@ -168,17 +159,10 @@ def print_report(result: dict) -> None:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     t0 = time.perf_counter()
-    result = {
-        "command": "python -m loadtests.bench_ray " + " ".join(sys.argv[1:] if argv is None else argv),
-        "machine": machine_info(torch.device(args.device)),
-        "load_average_start": load_average(),
-        "cpu_busy_before_start": cpu_busy_share(),
-        "settings": {
-            k: getattr(args, k)
-            for k in ("replicas", "cpus_per_replica", "requests", "clients", "prompt_tokens", "gen_length", "steps")
-        }
-        | {"block_length": args.block_length, "stream_share": args.stream_share, "max_batch_rows": args.max_batch_rows},
-    }
+    result = run_header("bench_ray", args, argv)
+    settings = ("replicas", "cpus_per_replica", "max_batch_rows", "requests", "clients", "prompt_tokens")
+    settings += ("gen_length", "steps", "block_length", "stream_share")
+    result["settings"] = {name: getattr(args, name) for name in settings}
     with tempfile.TemporaryDirectory(prefix="llada-bench-ray-") as tmp_name:
         tmp = Path(tmp_name)
         folder = tmp / "bench-llada"

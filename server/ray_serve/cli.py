@@ -9,6 +9,7 @@ its requests for up to --shutdown-grace; a Ray started here is then shut down wi
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import logging
 import os
 import signal
@@ -45,6 +46,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Exit status: 0 after a clean shutdown, 1 when Ray or the deployment fails, 2 on a bad flag."""
     args, plan, config = parse_replica_args(build_cli_parser(), argv)
     configure_logging(config.log_format, config.log_level)
+    if importlib.util.find_spec("ray") is None:
+        log.error("llada-server ray needs Ray Serve: pip install 'llada-server[ray]' (or -e '.[ray]' in a checkout)")
+        return 1
     return run(config, plan, args.address)
 
 
@@ -93,6 +97,7 @@ def run(config: ServerConfig, plan: ReplicaPlan, address: str | None) -> int:
         kind = "GPU" if gpus else "CPU"
         count = f"{plan.min_replicas} to {plan.max_replicas}" if plan.autoscaling else str(plan.replicas)
         log.info("listening on http://%s:%d: %s %s replicas", config.host, config.port, count, kind)
+        log.info("each replica's /metrics: port %d + the replica's rank on its node", plan.metrics_port)
         while not stop.wait(0.5):
             pass
         log.info("stopping: each replica finishes its requests for up to %.0fs", config.shutdown_grace)

@@ -46,7 +46,8 @@ class LladaReplica:
         from server.api.app import create_app
 
         configure_logging(self.config.log_format, self.config.log_level)
-        app = create_app(self.config)  # Ray runs its lifespan, which starts the engine
+        # Loading the model takes minutes for 8B; the replica's event loop stays free meanwhile.
+        app = await asyncio.to_thread(create_app, self.config)  # Ray runs its lifespan: the engine starts
         self.state = app.state.server
         context = serve.get_replica_context()
         self.metrics = await ReplicaMetrics.start(
