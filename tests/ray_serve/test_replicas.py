@@ -2,7 +2,8 @@
 Ray for the whole module: requests spread over both (per-replica metrics say so), answers and
 streams equal a single server's, overload is a 429 envelope, a killed replica fails only its own
 requests (with an envelope or an `error` event) and comes back, and SIGTERM drains, exits 0 and
-leaves no Ray process behind. The module's last test stops the server; keep it last."""
+leaves no Ray process behind; a client that hangs up cancels its job. The module's last test
+stops the server; keep it last."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import time
 import httpx
 import pytest
 
-from tests.e2e import HTTP_TIMEOUT, assert_envelope, astream_events, check_answer
+from tests.e2e import HTTP_TIMEOUT, assert_envelope, astream_events, check_answer, stream_events
 from tests.e2e.test_concurrency import MIXED
 from tests.e2e.test_concurrency import _send as send
 from tests.ray_serve import RayServer, replica_label
@@ -84,6 +85,24 @@ def test_answers_and_streams_equal_a_single_servers(ray_server, start_server, ti
     for (body, _), expected, got in zip(MIXED, alone, replicated):
         check_answer(got, body)
         assert (got["token_ids"], got["text"]) == (expected["token_ids"], expected["text"]), body
+
+
+def test_a_client_that_hangs_up_on_the_proxy_cancels_its_job(ray_server):
+    def totals() -> tuple[float, float]:
+        scrapes = [scrape(ray_server.metrics_url(rank)) for rank in range(2)]
+        cancelled = running = 0.0
+        for metrics in scrapes:
+            label = replica_label(metrics.samples)
+            cancelled += metrics.value("llada_cancelled_total", replica=label)
+            running += metrics.value("llada_running_jobs", replica=label)
+        return cancelled, running
+
+    cancelled_before, _ = totals()
+    body = {"prompt": "A long story", "gen_length": 512, "steps": 512, "block_length": 8}
+    with httpx.Client(timeout=HTTP_TIMEOUT) as client:
+        _, kind, _ = stream_events(client, ray_server.url, body, on_step=lambda n: n >= 2)
+    assert kind is None  # we hung up after two step events
+    wait_for(lambda: totals() == (cancelled_before + 1, 0), 30, "the job to be cancelled through the proxy")
 
 
 def test_overload_past_the_queues_answers_429_with_the_envelope_at_once(ray_server):
