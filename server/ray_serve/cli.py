@@ -15,10 +15,14 @@ import os
 import signal
 import threading
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from server.config import ServerConfig
 from server.logging_setup import configure_logging
 from server.ray_serve.plan import ReplicaPlan, add_plan_args, parse_replica_args
+
+if TYPE_CHECKING:  # Ray is imported only once the flags are good
+    from ray.serve.schema import ServeStatus
 
 log = logging.getLogger("llada.ray")
 
@@ -92,7 +96,7 @@ def run(config: ServerConfig, plan: ReplicaPlan, address: str | None) -> int:
         try:
             serve.run(llada_app(config, plan, gpus), name=APP_NAME, route_prefix="/")
         except RuntimeError as exc:
-            log.error("the replicas did not start: %s", exc)
+            log.error("the replicas did not start: %s%s", exc, _last_error_line(serve.status(), APP_NAME))
             return 1
         kind = "GPU" if gpus else "CPU"
         count = f"{plan.min_replicas} to {plan.max_replicas}" if plan.autoscaling else str(plan.replicas)
@@ -107,6 +111,13 @@ def run(config: ServerConfig, plan: ReplicaPlan, address: str | None) -> int:
         if local:
             serve.shutdown()
         ray.shutdown()
+
+
+def _last_error_line(status: ServeStatus, app_name: str) -> str:
+    """The line of a failed deployment's message that says why (Ray's ends with the exception)."""
+    app = status.applications.get(app_name)
+    lines = [line for d in (app.deployments.values() if app else ()) for line in d.message.splitlines() if line]
+    return f" ({lines[-1].strip()})" if lines else ""
 
 
 def _stop_on_signals() -> threading.Event:
