@@ -51,7 +51,7 @@ import httpx
 import torch
 from httpx_sse import connect_sse
 
-from loadtests.common import add_model_args, bench_config, finish, machine_info, print_goals
+from loadtests.common import add_model_args, add_request_set_args, bench_config, finish, machine_info, print_goals
 from loadtests.loadgen import LoadReport, format_report, make_payload, planned, run_load
 from server.engine.demo import build_demo, save_checkpoint
 from server.engine.denoiser import generate_batch
@@ -66,15 +66,7 @@ from tests.support import ServerProcess, scrape
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_args(p)
-    p.add_argument("--max-batch-rows", type=int, default=16)
-    # request set
-    p.add_argument("--requests", type=int, default=16, help="requests in the fixed set (default 16)")
-    p.add_argument("--clients", type=int, default=8, help="concurrent clients (default 8)")
-    p.add_argument("--prompt-tokens", type=int, default=48, help="prompt length of the fixed set, in tokens")
-    p.add_argument("--gen-length", type=int, default=64)
-    p.add_argument("--steps", type=int, default=32)
-    p.add_argument("--block-length", type=int, default=32)
-    p.add_argument("--stream-share", type=float, default=0.5, help="share of the fixed-set requests sent streamed")
+    add_request_set_args(p, requests=16, clients=8)
     p.add_argument("--mixed-prompts", default="16-96", help="prompt length range of the mixed-length run ('' skips it)")
     p.add_argument("--mixed-requests", type=int, default=16)
     p.add_argument("--overhead-repeats", type=int, default=3)
@@ -104,6 +96,16 @@ def cpu_busy_share(seconds: float = 2.0) -> float | None:
     except (OSError, ValueError, IndexError):
         return None
     return round(1 - (idle1 - idle0) / max(1, total1 - total0), 3)
+
+
+def run_header(script: str, args: argparse.Namespace, argv: list[str] | None) -> dict:
+    """The command, the machine and how busy it was: the start of every HTTP benchmark's figures."""
+    return {
+        "command": f"python -m loadtests.{script} " + " ".join(sys.argv[1:] if argv is None else argv),
+        "machine": machine_info(torch.device(args.device)),
+        "load_average_start": load_average(),
+        "cpu_busy_before_start": cpu_busy_share(),
+    }
 
 
 def write_model(args: argparse.Namespace, folder: Path) -> dict:
@@ -474,12 +476,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
-    result = {
-        "command": "python -m loadtests.bench_server " + " ".join(sys.argv[1:] if argv is None else argv),
-        "machine": machine_info(torch.device(args.device)),
-        "load_average_start": load_average(),
-        "cpu_busy_before_start": cpu_busy_share(),
-    }
+    result = run_header("bench_server", args, argv)
     with tempfile.TemporaryDirectory(prefix="llada-bench-server-") as tmp:
         folder = Path(tmp) / "bench-llada"
         print("writing the bench model ...", flush=True)

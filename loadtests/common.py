@@ -34,6 +34,18 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model-seed", type=int, default=0)
 
 
+def add_request_set_args(p: argparse.ArgumentParser, requests: int, clients: int) -> None:
+    """The fixed request set of the HTTP benchmarks, and the server's batch bound."""
+    p.add_argument("--max-batch-rows", type=int, default=16)
+    p.add_argument("--requests", type=int, default=requests, help=f"requests in the fixed set (default {requests})")
+    p.add_argument("--clients", type=int, default=clients, help=f"concurrent clients (default {clients})")
+    p.add_argument("--prompt-tokens", type=int, default=48, help="prompt length of the fixed set, in tokens")
+    p.add_argument("--gen-length", type=int, default=64)
+    p.add_argument("--steps", type=int, default=32)
+    p.add_argument("--block-length", type=int, default=32)
+    p.add_argument("--stream-share", type=float, default=0.5, help="share of the fixed-set requests sent streamed")
+
+
 def bench_config(args: argparse.Namespace):
     return demo_config(
         d_model=args.d_model,

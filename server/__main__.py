@@ -1,5 +1,6 @@
 """`llada-server` / `python -m server`: load the model, then serve it until SIGTERM or SIGINT.
-`llada-server SUBCOMMAND ...` runs one of the clients in SUBCOMMANDS instead.
+`llada-server SUBCOMMAND ...` runs a subcommand instead (chat, eval: the clients; ray: replicas on
+Ray Serve).
 
 Flags are parsed before torch and the app are imported, so `--help` and bad flags answer at once.
 """
@@ -12,10 +13,11 @@ import sys
 from server.config import load_config
 from server.logging_setup import configure_logging
 
-# name -> module whose main(argv) runs it
+# subcommand -> module whose main(argv) runs it; imported only when named
 SUBCOMMANDS = {
     "chat": "server.clients.chat",
     "eval": "server.clients.evaluate",
+    "ray": "server.ray_serve.cli",
 }
 
 

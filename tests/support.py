@@ -38,16 +38,18 @@ def wait_for(
 
 
 class ServerProcess:
-    """`python -m server --port <free port> ARGS` with its output in log_path."""
+    """`python -m server [SUBCOMMAND] --port <free port> ARGS` with its output in log_path."""
 
-    def __init__(self, args: list[str], log_path: Path, env: dict[str, str] | None = None):
+    def __init__(
+        self, args: list[str], log_path: Path, env: dict[str, str] | None = None, subcommand: tuple[str, ...] = ()
+    ):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.args = list(args)
         self.log_path = log_path
         self._log = open(log_path, "w")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "server", "--port", str(self.port), *args],
+            [sys.executable, "-m", "server", *subcommand, "--port", str(self.port), *args],
             cwd=REPO_ROOT,
             stdout=self._log,
             stderr=subprocess.STDOUT,
