@@ -55,7 +55,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def measure_tree(args: argparse.Namespace) -> dict:
     """In the child: the tree at args.child is first on sys.path."""
     import torch
-    from torch.profiler import ProfilerActivity, profile
 
     from server.engine.demo import build_demo, demo_config
     from server.engine.denoiser import Denoiser
@@ -64,17 +63,6 @@ def measure_tree(args: argparse.Namespace) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     params = SamplingParams(gen_length=64, steps=64, block_length=32, temperature=0.0)
-    counts = {"n": 0}
-
-    def counting(name):
-        original = getattr(torch.Tensor, name)
-
-        def wrapper(self, *a, **k):
-            counts["n"] += 1
-            return original(self, *a, **k)
-
-        return original, wrapper
-
     out = {}
     for model_name in args.models.split(","):
         loaded = build_demo(demo_config(**MODELS[model_name]), seed=0)
@@ -84,35 +72,52 @@ def measure_tree(args: argparse.Namespace) -> dict:
             denoiser = Denoiser(loaded)
             jobs = [denoiser.new_job(prompt, params) for _ in range(batch)]
             denoiser.step(jobs)  # warm-up
+            if args.timing_only:  # the same steps, unprofiled: every round times the same point of the block
+                for _ in range(args.profile_steps):
+                    denoiser.step(jobs)
+            else:
+                rows[str(batch)] = profile_steps(denoiser, jobs, args.profile_steps)
             start = time.perf_counter()
             for _ in range(args.timed_steps):
                 denoiser.step(jobs)
             wall = time.perf_counter() - start
-            rows[str(batch)] = {"steps_per_s": round(args.timed_steps / wall, 2)}
-            if args.timing_only:
-                continue
-            originals = {}
-            for name in READBACKS:
-                originals[name], wrapper = counting(name)
-                setattr(torch.Tensor, name, wrapper)
-            counts["n"] = 0
-            try:
-                with profile(activities=[ProfilerActivity.CPU]) as prof:
-                    for _ in range(args.profile_steps):
-                        denoiser.step(jobs)
-            finally:
-                for name, original in originals.items():
-                    setattr(torch.Tensor, name, original)
             assert not any(job.finished for job in jobs), "the measured steps ran past the answer"
-            events = [e.name for e in prof.events()]
-            aten = sum(1 for name in events if name.startswith("aten::"))
-            nonzero = sum(1 for name in events if name == "aten::nonzero")
-            rows[str(batch)].update(
-                aten_ops_per_step=round(aten / args.profile_steps, 1),
-                readbacks_per_step=round((counts["n"] + nonzero) / args.profile_steps, 2),
-            )
+            rows.setdefault(str(batch), {})["steps_per_s"] = round(args.timed_steps / wall, 2)
         out[model_name] = rows
     return out
+
+
+def profile_steps(denoiser, jobs, steps: int) -> dict:
+    """aten:: events and read-backs per step, over `steps` steps."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    readbacks = {"n": 0}
+    originals = {name: getattr(torch.Tensor, name) for name in READBACKS}
+
+    def counting(original):
+        def wrapper(self, *a, **k):
+            readbacks["n"] += 1
+            return original(self, *a, **k)
+
+        return wrapper
+
+    for name, original in originals.items():
+        setattr(torch.Tensor, name, counting(original))
+    try:
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(steps):
+                denoiser.step(jobs)
+    finally:
+        for name, original in originals.items():
+            setattr(torch.Tensor, name, original)
+    events = [e.name for e in prof.events()]
+    aten = sum(1 for name in events if name.startswith("aten::"))
+    nonzero = sum(1 for name in events if name == "aten::nonzero")
+    return {
+        "aten_ops_per_step": round(aten / steps, 1),
+        "readbacks_per_step": round((readbacks["n"] + nonzero) / steps, 2),
+    }
 
 
 def run_child(tree: Path, args: argparse.Namespace, timing_only: bool = False) -> dict:
