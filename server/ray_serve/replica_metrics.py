@@ -24,7 +24,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from server.api.middleware import Gate
+from server.api.middleware import OPEN_PATHS, Gate
 from server.api.state import ServerState
 
 log = logging.getLogger("llada.ray")
@@ -50,7 +50,7 @@ def metrics_app(state: ServerState, replica: str) -> Gate:
     async def metrics(request: Request) -> Response:
         return Response(generate_latest(collector), media_type=CONTENT_TYPE_PLAIN_0_0_4)
 
-    return Gate(Starlette(routes=[Route("/metrics", metrics)]), state=state)
+    return Gate(Starlette(routes=[Route("/metrics", metrics)]), state=state, open_paths=OPEN_PATHS)
 
 
 class _ReplicaServer(uvicorn.Server):
