@@ -100,7 +100,7 @@ def choose(
 def guide(cond: torch.Tensor, uncond: torch.Tensor, rows: list[int], factors: list[float]) -> None:
     """Classifier-free guidance in place on cond's given rows, whose unconditional rows are
     uncond's rows in the same order: uncond + factor * (cond - uncond) with factor = cfg_scale + 1,
-    in float32 as sampling.cfg_combine computes it."""
+    in float32, in the reference sampler's order of operations."""
     device = cond.device
     where = index(rows, device)
     factor = to_device(torch.tensor(factors, dtype=torch.float32)[:, None], device)

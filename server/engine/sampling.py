@@ -1,4 +1,5 @@
-"""The sampler's math as pure functions over tensors and integers.
+"""The sampler's schedule: blocks, steps per block and tokens per step, as pure functions (the
+token choice itself is choice.py).
 
 Division rules where the reference asserts exact division (documented in README):
 - blocks: ceil(gen_length / block_length) blocks of block_length, the last one shorter;
@@ -8,8 +9,6 @@ Division rules where the reference asserts exact division (documented in README)
 """
 
 from __future__ import annotations
-
-import torch
 
 
 def block_spans(gen_length: int, block_length: int) -> list[tuple[int, int]]:
@@ -31,47 +30,3 @@ def steps_per_block(steps: int, num_blocks: int) -> list[int]:
 def transfer_schedule(masked: int, steps: int) -> list[int]:
     """How many tokens each step of a block reveals; steps that reveal none are dropped."""
     return [k for k in spread(masked, steps) if k > 0]
-
-
-def cfg_combine(cond: torch.Tensor, uncond: torch.Tensor, scale: float) -> torch.Tensor:
-    return uncond + (scale + 1.0) * (cond - uncond)
-
-
-def choose_tokens(logits: torch.Tensor, temperature: float, generator: torch.Generator | None) -> torch.Tensor:
-    """x0 per position: argmax, or argmax of exp(logits) / (-log u)^temperature in float64.
-
-    In place on fresh [positions, vocab] float64 buffers: this is the step's largest allocation."""
-    if temperature == 0:
-        return logits.argmax(dim=-1)
-    noise = torch.rand(logits.shape, generator=generator, dtype=torch.float64, device=logits.device)
-    noise = noise.log_().neg_()
-    if temperature != 1:  # x ** 1 is x exactly; skipping the pow saves a third of the time
-        noise = noise.pow_(temperature)
-    return logits.double().exp_().div_(noise).argmax(dim=-1)
-
-
-def token_probabilities(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    return torch.softmax(logits.float(), dim=-1).gather(-1, tokens[:, None]).squeeze(-1)
-
-
-def ranking_confidence(
-    probabilities: torch.Tensor,
-    tokens: torch.Tensor,
-    remasking: str,
-    generator: torch.Generator | None,
-    excluded_tokens: tuple[int, ...] = (),
-) -> torch.Tensor:
-    """What positions compete on: p(x0) for low_confidence, uniform noise for random; positions
-    whose x0 is an excluded token (confidence_eos_eot_inf) rank last."""
-    if remasking == "random":
-        confidence = torch.rand(tokens.shape, generator=generator, dtype=torch.float64, device=tokens.device)
-    else:
-        confidence = probabilities.double()
-    for token in excluded_tokens:
-        confidence = confidence.masked_fill(tokens == token, float("-inf"))
-    return confidence
-
-
-def select_top(confidence: torch.Tensor, k: int) -> torch.Tensor:
-    """Indices of the k most confident entries; ties go to the lower index."""
-    return torch.sort(confidence, descending=True, stable=True).indices[:k]

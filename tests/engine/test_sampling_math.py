@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from server.engine import sampling
+from server.engine.choice import ChoiceJob, choose, guide, unpack
 from server.engine.demo import build_demo, demo_config
 from server.engine.denoiser import Denoiser, generate_batch
 from server.engine.forwards import Work, head_chunks, length_groups
@@ -64,69 +65,108 @@ def test_transfer_schedule_follows_reference_rule():
     assert sampling.transfer_schedule(0, 4) == []
 
 
-def test_cfg_combine():
-    cond = torch.tensor([[1.0, 2.0, -3.0]])
-    uncond = torch.tensor([[0.5, 4.0, -3.0]])
-    assert torch.allclose(sampling.cfg_combine(cond, uncond, 2.0), uncond + 3.0 * (cond - uncond))
-    assert torch.allclose(sampling.cfg_combine(cond, uncond, 2.0), torch.tensor([[2.0, -2.0, -3.0]]))
-    assert torch.equal(sampling.cfg_combine(cond, uncond, 0.0), cond)
+def pick(logits: torch.Tensor, jobs: list[ChoiceJob], width: int | None = None) -> list[tuple]:
+    """choose() read back: per job (indices by falling confidence, tokens, probabilities) of the
+    tokens it reveals."""
+    width = width or max(job.candidates for job in jobs)
+    return [unpack(row) for row in choose(logits, jobs, EOS, (EOS, EOT), width).tolist()]
 
 
-def test_choose_tokens_greedy_is_argmax():
+def test_greedy_choice_is_argmax_ranked_by_softmax_probability():
     logits = torch.randn(16, 300, generator=torch.Generator().manual_seed(1))
-    assert torch.equal(sampling.choose_tokens(logits, 0.0, None), logits.argmax(-1))
-    assert torch.equal(sampling.choose_tokens(logits, 0, torch.Generator().manual_seed(5)), logits.argmax(-1))
+    ((order, tokens, probabilities),) = pick(logits.clone(), [ChoiceJob(16, count=16)])
+    assert [tokens[order.index(i)] for i in range(16)] == logits.argmax(-1).tolist()
+    expected = torch.softmax(logits, -1).max(-1).values
+    assert order == torch.sort(expected.double(), descending=True, stable=True).indices.tolist()
+    assert torch.allclose(torch.tensor(probabilities), expected[order])
+    (three,) = pick(logits.clone(), [ChoiceJob(16, count=3)])
+    assert three[0] == order[:3]
 
 
-def test_choose_tokens_gumbel_noise_in_float64():
+def test_gumbel_choice_draws_float64_noise_from_each_jobs_generator():
     logits = torch.randn(16, 300, generator=torch.Generator().manual_seed(2)) * 3
-    temperature = 0.7
-    first = sampling.choose_tokens(logits, temperature, torch.Generator().manual_seed(11))
-    again = sampling.choose_tokens(logits, temperature, torch.Generator().manual_seed(11))
-    assert torch.equal(first, again)
+    job = ChoiceJob(16, count=16, temperature=0.7, generator=torch.Generator().manual_seed(11))
+    ((order, tokens, _),) = pick(logits.clone(), [job])
     # The reference's add_gumbel_noise: exp(logits) / (-log u)^T, all in float64.
     u = torch.rand(logits.shape, generator=torch.Generator().manual_seed(11), dtype=torch.float64)
-    expected = (logits.double().exp() / (-torch.log(u)) ** temperature).argmax(-1)
-    assert torch.equal(first, expected)
-    flat = torch.zeros(64, 1000)
-    a = sampling.choose_tokens(flat, 1.0, torch.Generator().manual_seed(1))
-    b = sampling.choose_tokens(flat, 1.0, torch.Generator().manual_seed(2))
-    assert not torch.equal(a, b)
-    assert len(set(a.tolist())) > 32  # a flat distribution is sampled, not argmax'd to token 0
-
-
-def test_token_probabilities_is_softmax_gather():
-    logits = torch.randn(10, 50, generator=torch.Generator().manual_seed(3))
-    tokens = torch.randint(0, 50, (10,), generator=torch.Generator().manual_seed(4))
-    expected = torch.softmax(logits, -1)[torch.arange(10), tokens]
-    assert torch.allclose(sampling.token_probabilities(logits, tokens), expected)
-
-
-def test_ranking_confidence():
-    probabilities = torch.tensor([0.1, 0.7, 0.2, 0.9])
-    tokens = torch.tensor([5, EOS, 7, EOT])
-    low = sampling.ranking_confidence(probabilities, tokens, "low_confidence", None)
-    assert torch.equal(low, probabilities.double())
-    rnd = sampling.ranking_confidence(probabilities, tokens, "random", torch.Generator().manual_seed(0))
-    assert rnd.shape == (4,) and bool(((rnd >= 0) & (rnd < 1)).all())
-    assert torch.equal(
-        rnd, sampling.ranking_confidence(probabilities, tokens, "random", torch.Generator().manual_seed(0))
+    expected = (logits.double().exp() / (-torch.log(u)) ** 0.7).argmax(-1)
+    assert [tokens[order.index(i)] for i in range(16)] == expected.tolist()
+    # Two jobs in one call draw from their own generators, in order: each gets what it gets alone,
+    # also across the 64-row sampling slices.
+    long = torch.randn(80, 300, generator=torch.Generator().manual_seed(3))
+    jobs = [
+        ChoiceJob(80, count=80, temperature=1.0, generator=torch.Generator().manual_seed(5)),
+        ChoiceJob(16, count=16, temperature=0.7, generator=torch.Generator().manual_seed(11)),
+    ]
+    together = pick(torch.cat([long, logits]), jobs, width=80)
+    alone = pick(long.clone(), [ChoiceJob(80, count=80, temperature=1.0, generator=torch.Generator().manual_seed(5))])
+    assert together == [
+        alone[0],
+        pick(logits.clone(), [job.__class__(**{**vars(job), "generator": torch.Generator().manual_seed(11)})])[0],
+    ]
+    flat = pick(
+        torch.zeros(64, 1000), [ChoiceJob(64, count=64, temperature=1.0, generator=torch.Generator().manual_seed(1))]
     )
-    for remasking in ("low_confidence", "random"):
-        excluded = sampling.ranking_confidence(
-            probabilities, tokens, remasking, torch.Generator().manual_seed(0), excluded_tokens=(EOS, EOT)
-        )
-        assert excluded[1] == float("-inf") and excluded[3] == float("-inf")
-        assert torch.isfinite(excluded[[0, 2]]).all()
+    assert len(set(flat[0][1])) > 32  # a flat distribution is sampled, not argmax'd to token 0
 
 
-def test_select_top_ties_go_to_lower_index():
-    confidence = torch.tensor([0.5, 0.9, 0.5, 0.9, 0.1, 0.5], dtype=torch.float64)
-    assert sampling.select_top(confidence, 3).tolist() == [1, 3, 0]
-    assert sampling.select_top(confidence, 5).tolist() == [1, 3, 0, 2, 5]
-    assert sampling.select_top(torch.zeros(40, dtype=torch.float64), 4).tolist() == [0, 1, 2, 3]
-    inf = torch.tensor([float("-inf"), float("-inf"), 0.2], dtype=torch.float64)
-    assert sampling.select_top(inf, 2).tolist() == [2, 0]
+def test_guidance_and_the_eos_flags():
+    cond, uncond = torch.tensor([[1.0, 2.0, -3.0]]), torch.tensor([[0.5, 4.0, -3.0]])
+    guided = cond.clone()
+    guide(guided, uncond, [0], [3.0])  # cfg_scale 2
+    assert torch.equal(guided, uncond + 3.0 * (cond - uncond))
+    logits = torch.zeros(4, EOT + 1)
+    logits[:, EOS] = 5.0  # EOS is every row's argmax
+    logits[:, 7] = 4.0
+    ((_, tokens, _),) = pick(logits.clone(), [ChoiceJob(4, count=4)])
+    assert tokens == [EOS] * 4
+    ((_, tokens, _),) = pick(logits.clone(), [ChoiceJob(4, count=4, logits_eos_inf=True)])
+    assert tokens == [7] * 4
+    # confidence_eos_eot_inf: EOS rows rank last, whatever their probability
+    logits[0, EOS] = 3.0  # row 0's argmax becomes token 7
+    ((order, tokens, _),) = pick(logits.clone(), [ChoiceJob(4, count=1, exclude_stops=True)])
+    assert order == [0] and tokens == [7]
+
+
+def test_random_remasking_ranks_by_uniform_draws_and_ties_go_to_the_lower_index():
+    logits = torch.zeros(6, 10)
+    ((order, _, _),) = pick(logits.clone(), [ChoiceJob(6, count=6)])
+    assert order == [0, 1, 2, 3, 4, 5]  # equal confidences: ties to the lower position
+    job = ChoiceJob(6, count=6, random_remasking=True, generator=torch.Generator().manual_seed(0))
+    ((order, _, _),) = pick(logits.clone(), [job])
+    draws = torch.rand(6, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    assert order == torch.sort(draws, descending=True, stable=True).indices.tolist()
+
+
+def confident(probabilities: list[float], vocab: int = 64) -> torch.Tensor:
+    """Logits whose argmax (token 0) has exactly these softmax probabilities."""
+    rows = []
+    for p in probabilities:
+        rest = (1 - p) / (vocab - 1)
+        rows.append(torch.tensor([p] + [rest] * (vocab - 1)).log())
+    return torch.stack(rows)
+
+
+def test_threshold_and_factor_reveal_counts():
+    # threshold: every candidate at least this confident, and always the best one
+    logits = confident([0.95, 0.4, 0.92, 0.1])
+    assert [len(c[0]) for c in pick(logits.clone(), [ChoiceJob(4, threshold=0.9)])] == [2]
+    assert [len(c[0]) for c in pick(confident([0.3, 0.2]), [ChoiceJob(2, threshold=0.9)])] == [1]
+    # factor 1: rank k passes when c_k >= 1 - 1/(k+1) (2/3, 3/4, 4/5 for ranks 2, 3, 4)
+    cases = {
+        (0.9, 0.8, 0.76, 0.1, 0.1): 3,  # rank 4 fails
+        (0.9, 0.5, 0.4): 1,  # rank 2 fails
+        (0.9, 0.7, 0.1): 3,  # only the last rank fails: all are revealed (the published quirk)
+        (0.5, 0.9, 0.9, 0.9, 0.9): 5,  # likewise, sorted: 0.9, 0.9, 0.9, 0.9, 0.5
+        (0.9, 0.81, 0.85, 0.9): 4,  # none fails
+    }
+    for confidences, expected in cases.items():
+        ((order, _, _),) = pick(confident(list(confidences)), [ChoiceJob(len(confidences), factor=1.0)])
+        assert len(order) == expected, confidences
+    # jobs of every rule in one call, each padded to the widest
+    jobs = [ChoiceJob(4, threshold=0.9), ChoiceJob(3, factor=1.0), ChoiceJob(2, count=2)]
+    logits = torch.cat([confident([0.95, 0.4, 0.92, 0.1]), confident([0.9, 0.7, 0.1]), confident([0.5, 0.6])])
+    assert [len(c[0]) for c in pick(logits, jobs)] == [2, 3, 2]
 
 
 # --- the denoising loop ------------------------------------------------------------------------
