@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import random
 import sys
 import tempfile
@@ -25,7 +24,9 @@ from pathlib import Path
 import httpx
 from httpx_sse import aconnect_sse
 
-from tests.support import ServerProcess, scrape
+from loadtests.common import finish, machine_info
+from server.engine.devices import resolve_device
+from tests.support import ServerProcess, scrape, wait_for
 
 BAD_BODIES = [
     {"prompt": "x", "gen_length": 0},
@@ -133,7 +134,8 @@ def gauges(url: str) -> dict[str, float]:
     return {name: metrics.value(name) for name in ("llada_queue_depth", "llada_running_jobs")}
 
 
-async def run(args: argparse.Namespace, url: str, pid: int) -> dict:
+async def load(args: argparse.Namespace, url: str, pid: int) -> tuple[Counter, list[tuple[float, int]]]:
+    """The clients' tally and the server's RSS samples (seconds since the start, bytes)."""
     tally: Counter = Counter()
     samples: list[tuple[float, int]] = []
     deadline = time.monotonic() + args.seconds
@@ -141,24 +143,25 @@ async def run(args: argparse.Namespace, url: str, pid: int) -> dict:
         sample_memory(pid, deadline, samples, every=max(1.0, args.seconds / 30)),
         *(client_loop(url, deadline, seed, tally) for seed in range(args.concurrency)),
     )
-    settle = time.monotonic() + 30
-    while any(gauges(url).values()) and time.monotonic() < settle:
-        await asyncio.sleep(0.2)
+    return tally, samples
+
+
+def report(args: argparse.Namespace, url: str, tally: Counter, samples: list[tuple[float, int]]) -> dict:
+    try:
+        wait_for(lambda: not any(gauges(url).values()), timeout=30, what="the queue and running gauges to be 0")
+    except AssertionError:
+        pass  # gauges_after below shows which one is left, and the exit status fails
     third = max(1, len(samples) // 3)
     return {
-        "seconds": args.seconds,
-        "concurrency": args.concurrency,
-        "max_queue": args.max_queue,
+        "settings": {"seconds": args.seconds, "concurrency": args.concurrency, "max_queue": args.max_queue},
         "sent": sum(v for k, v in tally.items() if k.startswith("sent:")),
         "lost": tally["lost"],
         "server_errors_5xx": sum(v for k, v in tally.items() if k.startswith("status:5")),
         "tally": dict(sorted(tally.items())),
         "gauges_after": gauges(url),
-        "rss_mb_start": samples[0][1] / 2**20,
-        "rss_mb_end": samples[-1][1] / 2**20,
-        "rss_mb_first_third_mean": sum(s[1] for s in samples[:third]) / third / 2**20,
-        "rss_mb_last_third_mean": sum(s[1] for s in samples[-third:]) / third / 2**20,
-        "rss_samples": [(round(t, 1), round(b / 2**20, 1)) for t, b in samples],
+        "rss_mb_first_third_mean": round(sum(s[1] for s in samples[:third]) / third / 2**20, 1),
+        "rss_mb_last_third_mean": round(sum(s[1] for s in samples[-third:]) / third / 2**20, 1),
+        "rss_mb": [{"at_s": round(t, 1), "rss_mb": round(b / 2**20, 1)} for t, b in samples],
     }
 
 
@@ -168,25 +171,26 @@ def main() -> int:
     parser.add_argument("--concurrency", type=int, default=12)
     parser.add_argument("--max-queue", type=int, default=4)
     parser.add_argument("--max-batch-rows", type=int, default=8)
-    parser.add_argument("--json", type=Path)
+    parser.add_argument("--json", dest="json_path")
     args = parser.parse_args()
+    started = time.perf_counter()
     log = tempfile.NamedTemporaryFile("w", suffix=".log", delete=False)
-    server = ServerProcess(
-        ["--max-queue", str(args.max_queue), "--max-batch-rows", str(args.max_batch_rows), "--log-level", "warning"],
-        Path(log.name),
-    )
+    server_args = ["--max-queue", str(args.max_queue), "--max-batch-rows", str(args.max_batch_rows)]
+    server = ServerProcess([*server_args, "--log-level", "warning"], Path(log.name))
     try:
         server.wait_ready()
-        report = asyncio.run(run(args, server.url, server.proc.pid))
+        result = {
+            "command": "python -m loadtests.soak " + " ".join(sys.argv[1:]),
+            "machine": machine_info(resolve_device("auto")),
+            **report(args, server.url, *asyncio.run(load(args, server.url, server.proc.pid))),
+        }
     finally:
-        report_exit = server.stop(timeout=60)
-    report["server_exit_code"] = report_exit
-    report["server_log"] = log.name
-    print(json.dumps({k: v for k, v in report.items() if k != "rss_samples"}, indent=2))
-    if args.json:
-        args.json.write_text(json.dumps(report, indent=2))
-    healthy = report["lost"] == 0 and report["server_errors_5xx"] == 0 and not any(report["gauges_after"].values())
-    return 0 if healthy and report_exit == 0 else 1
+        exit_code = server.stop(timeout=60)
+    result["server_exit_code"] = exit_code
+    result["server_log"] = log.name
+    finish(result, started, args.json_path)
+    healthy = result["lost"] == 0 and result["server_errors_5xx"] == 0 and not any(result["gauges_after"].values())
+    return 0 if healthy and exit_code == 0 else 1
 
 
 if __name__ == "__main__":
