@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import random
+import statistics
 import sys
 import tempfile
 import time
@@ -41,11 +42,11 @@ BAD_BODIES = [
 KINDS = ("generate", "stream", "cancel", "score", "bad")
 
 
-def rss_bytes(pid: int) -> int:
+def rss_mb(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    return 0
+            return round(int(line.split()[1]) / 1024, 1)
+    return 0.0
 
 
 def generation_body(rng: random.Random) -> dict:
@@ -61,50 +62,47 @@ def generation_body(rng: random.Random) -> dict:
     }
 
 
+def score_body(rng: random.Random) -> dict:
+    pair = {"context": "soak " * rng.randint(1, 20), "continuation": " test" * rng.randint(1, 3)}
+    return {"requests": [pair], "mc_num": 8, "batch_size": 4, "greedy": rng.random() < 0.5}
+
+
 async def one_request(client: httpx.AsyncClient, kind: str, rng: random.Random, tally: Counter) -> float:
     """Sends one request; returns how long to back off (the 429's Retry-After, jittered)."""
     tally[f"sent:{kind}"] += 1
     try:
-        if kind in ("generate", "bad", "score"):
-            if kind == "score":
-                url, body = (
-                    "/v1/loglikelihood",
-                    {
-                        "requests": [
-                            {"context": "soak " * rng.randint(1, 20), "continuation": " test" * rng.randint(1, 3)}
-                        ],
-                        "mc_num": 8,
-                        "batch_size": 4,
-                        "greedy": rng.random() < 0.5,
-                    },
-                )
-            else:
-                url = "/v1/generate"
-                body = rng.choice(BAD_BODIES) if kind == "bad" else generation_body(rng)
-            response = await client.post(url, json=body)
-            tally[f"status:{response.status_code}"] += 1
-            tally[f"{kind}:{response.status_code}"] += 1
-            return backoff(response, rng)
-        body = {**generation_body(rng), "stream": True}
-        async with aconnect_sse(client, "POST", "/v1/generate", json=body) as source:
-            status = source.response.status_code
-            tally[f"status:{status}"] += 1
-            tally[f"{kind}:{status}"] += 1
-            if status != 200:
-                await source.response.aread()
-                return backoff(source.response, rng)
-            last = None
-            async for event in source.aiter_sse():
-                last = event.event
-                if kind == "cancel" and last == "step":
-                    return 0.0  # leaving the stream cancels the job
-            if last not in ("done", "error"):
-                tally["lost"] += 1
-            elif last == "error":
-                tally["stream_error_events"] += 1
+        if kind == "score":
+            response = await client.post("/v1/loglikelihood", json=score_body(rng))
+        elif kind in ("generate", "bad"):
+            body = rng.choice(BAD_BODIES) if kind == "bad" else generation_body(rng)
+            response = await client.post("/v1/generate", json=body)
+        else:
+            return await one_stream(client, kind, rng, tally)
+        tally[f"status:{response.status_code}"] += 1
+        tally[f"{kind}:{response.status_code}"] += 1
+        return backoff(response, rng)
     except httpx.HTTPError as exc:
         tally["lost"] += 1
         tally[f"transport:{type(exc).__name__}"] += 1
+    return 0.0
+
+
+async def one_stream(client: httpx.AsyncClient, kind: str, rng: random.Random, tally: Counter) -> float:
+    async with aconnect_sse(client, "POST", "/v1/generate", json={**generation_body(rng), "stream": True}) as source:
+        tally[f"status:{source.response.status_code}"] += 1
+        tally[f"{kind}:{source.response.status_code}"] += 1
+        if source.response.status_code != 200:
+            await source.response.aread()
+            return backoff(source.response, rng)
+        last = None
+        async for event in source.aiter_sse():
+            last = event.event
+            if kind == "cancel" and last == "step":
+                return 0.0  # leaving the stream cancels the job
+        if last not in ("done", "error"):
+            tally["lost"] += 1
+        elif last == "error":
+            tally["stream_error_events"] += 1
     return 0.0
 
 
@@ -122,10 +120,10 @@ async def client_loop(url: str, deadline: float, seed: int, tally: Counter) -> N
             await asyncio.sleep(min(wait, max(0.0, deadline - time.monotonic())))
 
 
-async def sample_memory(pid: int, deadline: float, samples: list[tuple[float, int]], every: float) -> None:
+async def sample_memory(pid: int, deadline: float, samples: list[dict], every: float) -> None:
     start = time.monotonic()
     while time.monotonic() < deadline:
-        samples.append((time.monotonic() - start, rss_bytes(pid)))
+        samples.append({"at_s": round(time.monotonic() - start, 1), "rss_mb": rss_mb(pid)})
         await asyncio.sleep(every)
 
 
@@ -134,10 +132,10 @@ def gauges(url: str) -> dict[str, float]:
     return {name: metrics.value(name) for name in ("llada_queue_depth", "llada_running_jobs")}
 
 
-async def load(args: argparse.Namespace, url: str, pid: int) -> tuple[Counter, list[tuple[float, int]]]:
-    """The clients' tally and the server's RSS samples (seconds since the start, bytes)."""
+async def load(args: argparse.Namespace, url: str, pid: int) -> tuple[Counter, list[dict]]:
+    """The clients' tally and the server's RSS samples."""
     tally: Counter = Counter()
-    samples: list[tuple[float, int]] = []
+    samples: list[dict] = []
     deadline = time.monotonic() + args.seconds
     await asyncio.gather(
         sample_memory(pid, deadline, samples, every=max(1.0, args.seconds / 30)),
@@ -146,7 +144,7 @@ async def load(args: argparse.Namespace, url: str, pid: int) -> tuple[Counter, l
     return tally, samples
 
 
-def report(args: argparse.Namespace, url: str, tally: Counter, samples: list[tuple[float, int]]) -> dict:
+def report(args: argparse.Namespace, url: str, tally: Counter, samples: list[dict]) -> dict:
     try:
         wait_for(lambda: not any(gauges(url).values()), timeout=30, what="the queue and running gauges to be 0")
     except AssertionError:
@@ -159,9 +157,9 @@ def report(args: argparse.Namespace, url: str, tally: Counter, samples: list[tup
         "server_errors_5xx": sum(v for k, v in tally.items() if k.startswith("status:5")),
         "tally": dict(sorted(tally.items())),
         "gauges_after": gauges(url),
-        "rss_mb_first_third_mean": round(sum(s[1] for s in samples[:third]) / third / 2**20, 1),
-        "rss_mb_last_third_mean": round(sum(s[1] for s in samples[-third:]) / third / 2**20, 1),
-        "rss_mb": [{"at_s": round(t, 1), "rss_mb": round(b / 2**20, 1)} for t, b in samples],
+        "rss_mb_first_third_mean": round(statistics.mean(s["rss_mb"] for s in samples[:third]), 1),
+        "rss_mb_last_third_mean": round(statistics.mean(s["rss_mb"] for s in samples[-third:]), 1),
+        "rss_mb": samples,
     }
 
 
