@@ -31,6 +31,7 @@ import time
 from pathlib import Path
 
 BATCHES = (1, 8, 16)
+# "bench" is common.BENCH_SHAPE, repeated: a child runs against another tree, whose loadtests differ.
 MODELS = {
     "tiny": dict(d_model=64, n_layers=2, n_heads=4, n_kv_heads=4, mlp_hidden_size=176),
     "bench": dict(d_model=512, n_layers=6, n_heads=8, n_kv_heads=8, mlp_hidden_size=1408),

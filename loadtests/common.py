@@ -15,69 +15,76 @@ import torch
 
 from loadtests.report import render
 from server.engine.demo import demo_config
+from server.engine.model_config import ModelConfig
+from tests.support import REPO_ROOT
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+# The demo architecture at a size where the model's compute, not Python, dominates a CPU step.
+BENCH_SHAPE = {"d_model": 512, "n_layers": 6, "n_heads": 8, "n_kv_heads": 8, "mlp_hidden_size": 1408}
+LLADA_8B_SHAPE = {"d_model": 4096, "n_layers": 32, "n_heads": 32, "n_kv_heads": 32, "mlp_hidden_size": 12288}
+MODEL_FLAGS = ("device", "dtype", "threads", *BENCH_SHAPE, "model_seed")
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
-    """--device, --dtype, --threads and the bench configuration's shape."""
+    """--device, --dtype, --threads and the bench model's shape and seed."""
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default cpu)")
     p.add_argument(
         "--dtype", default="auto", help="auto (float32 on CPU, bfloat16 on CUDA), bfloat16, float16, float32"
     )
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
-    p.add_argument("--d-model", type=int, default=512)
-    p.add_argument("--n-layers", type=int, default=6)
-    p.add_argument("--n-heads", type=int, default=8)
-    p.add_argument("--n-kv-heads", type=int, default=8)
-    p.add_argument("--mlp-hidden-size", type=int, default=1408)
+    for name, default in BENCH_SHAPE.items():
+        p.add_argument("--" + name.replace("_", "-"), type=int, default=default)
     p.add_argument("--model-seed", type=int, default=0)
 
 
-def add_request_set_args(p: argparse.ArgumentParser, requests: int, clients: int) -> None:
-    """The fixed request set of the HTTP benchmarks, and the server's batch bound."""
-    p.add_argument("--max-batch-rows", type=int, default=16)
-    p.add_argument("--requests", type=int, default=requests, help=f"requests in the fixed set (default {requests})")
-    p.add_argument("--clients", type=int, default=clients, help=f"concurrent clients (default {clients})")
-    p.add_argument("--prompt-tokens", type=int, default=48, help="prompt length of the fixed set, in tokens")
-    p.add_argument("--gen-length", type=int, default=64)
-    p.add_argument("--steps", type=int, default=32)
-    p.add_argument("--block-length", type=int, default=32)
-    p.add_argument("--stream-share", type=float, default=0.5, help="share of the fixed-set requests sent streamed")
+def model_argv(args: argparse.Namespace) -> list[str]:
+    """The flags of add_model_args with args' values: the same model in a child process."""
+    values = [(name, getattr(args, name)) for name in MODEL_FLAGS]
+    return [arg for name, value in values if value is not None for arg in ("--" + name.replace("_", "-"), str(value))]
 
 
-def bench_config(args: argparse.Namespace):
-    return demo_config(
-        d_model=args.d_model,
-        n_layers=args.n_layers,
-        n_heads=args.n_heads,
-        n_kv_heads=args.n_kv_heads,
-        mlp_hidden_size=args.mlp_hidden_size,
-    )
+def bench_config(args: argparse.Namespace) -> ModelConfig:
+    return demo_config(**{name: getattr(args, name) for name in BENCH_SHAPE})
+
+
+def lm_head_share(config: ModelConfig) -> float:
+    """The LM head's share of the weights a full-logits forward multiplies per position: what the
+    engine saves by running the head on the current block's masked positions only."""
+    d, kv = config.d_model, config.n_kv_heads * config.head_dim
+    body = config.n_layers * (2 * d * d + 2 * d * kv + 3 * d * config.mlp_hidden_size)
+    head = d * config.vocab_size
+    return round(head / (body + head), 3)
+
+
+def describe_model(model: torch.nn.Module, config: ModelConfig) -> dict:
+    return {
+        **{name: getattr(config, name) for name in BENCH_SHAPE},
+        "vocab_size": config.vocab_size,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "lm_head_share_of_full_forward": lm_head_share(config),
+        "same_share_in_llada_8b": lm_head_share(demo_config(**LLADA_8B_SHAPE)),
+    }
+
+
+def _proc_field(path: str, key: str) -> str | None:
+    try:
+        lines = Path(path).read_text().splitlines()
+    except OSError:
+        return None
+    return next((line.split(":", 1)[1].strip() for line in lines if line.startswith(key)), None)
+
+
+def load_average() -> list[float] | None:
+    """Other work on the machine: the figures mean little when this is well above zero."""
+    return [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None
 
 
 def machine_info(device: torch.device) -> dict:
-    cpu = platform.processor() or "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    mem_gib = None
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal"):
-                mem_gib = round(int(line.split()[1]) / 2**20, 1)
-    except OSError:
-        pass
+    memory = _proc_field("/proc/meminfo", "MemTotal")
     info = {
-        "cpu": cpu,
+        "cpu": _proc_field("/proc/cpuinfo", "model name") or platform.processor() or "unknown",
         "cpu_cores": os.cpu_count(),
-        "cpu_affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
         "torch_threads": torch.get_num_threads(),
-        "memory_gib": mem_gib,
+        "memory_gib": memory and round(int(memory.split()[0]) / 2**20, 1),
         "python": platform.python_version(),
         "torch": torch.__version__,
         "device": str(device),
@@ -88,6 +95,7 @@ def machine_info(device: torch.device) -> dict:
     info["git_commit"] = _git("rev-parse", "--short", "HEAD")
     dirty = _git("status", "--porcelain", "--", "server")
     info["server_code_modified"] = None if dirty is None else bool(dirty)
+    info["load_average_at_start"] = load_average()
     return info
 
 
@@ -101,6 +109,7 @@ def _git(*argv: str) -> str | None:
 
 def finish(result: dict, started: float, json_path: str | None) -> None:
     """Write the figures (when asked) and print them, from the same JSON."""
+    result["load_average_at_end"] = load_average()
     result["total_wall_s"] = round(time.perf_counter() - started, 1)
     text = json.dumps(result, indent=2)
     if json_path:

@@ -27,8 +27,8 @@ arguments send the same requests in the same order.
 
 Report: requests/s and generated tokens/s (sum of gen_length of successful responses / wall
 time), time to first step p50/p99 (streamed requests only: time from sending to the first
-`event: step`; not observable for JSON requests, shown n/a - the server's
-`llada_time_to_first_step_seconds` histogram covers those), end-to-end latency p50/p99
+`event: step`; not observable for JSON requests, shown as - (the server's
+`llada_time_to_first_step_seconds` histogram covers those)), end-to-end latency p50/p99
 (successful requests) and errors by status (`429`, `500`, ...; `stream:<code>` for an
 `event: error` inside a 200 stream; `exc:<Name>` for transport errors; `aborted` at the hard stop).
 """
@@ -49,6 +49,8 @@ from urllib.parse import urlsplit
 
 import httpx
 from httpx_sse import aconnect_sse
+
+from loadtests.report import render
 
 LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1"}
 GENERATE_PATH = "/v1/generate"
@@ -193,6 +195,7 @@ class RequestResult:
     nfe: int | None = None
     server_total_s: float | None = None
     server_queue_s: float | None = None
+    token_ids: list[int] | None = None  # the answer
 
     @property
     def ok(self) -> bool:
@@ -301,6 +304,7 @@ def _fill_from_response(result: RequestResult, body: dict) -> None:
     result.nfe = usage.get("nfe")
     result.server_total_s = timing.get("total_s")
     result.server_queue_s = timing.get("queue_s")
+    result.token_ids = body.get("token_ids")
 
 
 def _error_code(text: str) -> str:
@@ -467,32 +471,6 @@ async def run_load(
 # CLI
 
 
-def _fmt(x: float | None, unit: str = "s", digits: int = 3) -> str:
-    return "n/a" if x is None else f"{x:.{digits}f}{unit}"
-
-
-def format_report(report: LoadReport) -> str:
-    lines = [
-        f"mode                 {report.mode}",
-        f"target               {report.url}",
-        f"requests             {report.ok} ok / {report.sent} sent / {report.planned} planned"
-        + ("  (hard stop at --max-seconds)" if report.hard_stopped else ""),
-        f"wall time            {report.wall_s:.2f} s",
-        f"requests/s           {report.requests_per_s:.3f}",
-        f"generated tokens/s   {report.tokens_per_s:.2f}"
-        f"  ({report.generated_tokens} tokens = sum of gen_length, ok requests)",
-        f"time to first step   p50 {_fmt(report.ttfs_p50_s)}  p99 {_fmt(report.ttfs_p99_s)}"
-        f"  (streamed requests only, n={report.ttfs_samples}; JSON requests: n/a)",
-        f"end-to-end latency   p50 {_fmt(report.latency_p50_s)}  p99 {_fmt(report.latency_p99_s)}"
-        f"  mean {_fmt(report.latency_mean_s)}",
-        f"server total_s p50   {_fmt(report.server_total_p50_s)}",
-    ]
-    if report.mode.startswith("poisson"):
-        lines.append(f"client wait p99      {_fmt(report.client_wait_p99_s)}  (arrival -> send, in-flight cap)")
-    lines.append("errors               " + (", ".join(f"{k}: {v}" for k, v in report.errors.items()) or "none"))
-    return "\n".join(lines)
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--url", required=True, help="server base URL on this machine, e.g. http://127.0.0.1:8000")
@@ -523,7 +501,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"loadgen: {exc}", file=sys.stderr)
         return 2
     plan = plan_requests(mix, args.requests, args.seed)
-    print("mix: " + "; ".join(e.describe() for e in mix), flush=True)
     try:
         report = asyncio.run(
             run_load(
@@ -542,11 +519,10 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         print(f"loadgen: {exc}", file=sys.stderr)
         return 2
-    print(format_report(report))
+    summary = {"mix": [e.describe() for e in mix], **report.to_dict()}
+    print(render(summary))
     if args.json_path:
-        out = report.to_dict(with_requests=True)
-        out["mix"] = [e.describe() for e in mix]
-        Path(args.json_path).write_text(json.dumps(out, indent=2))
+        Path(args.json_path).write_text(json.dumps(report.to_dict(with_requests=True) | summary, indent=2))
         print(f"report written to {args.json_path}")
     return 0 if report.ok == report.sent else 1
 

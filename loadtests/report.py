@@ -11,17 +11,27 @@ from pathlib import Path
 
 
 def _scalar(value: object) -> str:
+    if value is None:
+        return "-"
     if isinstance(value, float):
-        return f"{value:.4g}"
+        return f"{value:.6g}"
     return json.dumps(value) if isinstance(value, (list, dict)) else str(value)
 
 
 def _table(rows: list[dict], indent: str) -> list[str]:
     columns = list(dict.fromkeys(key for row in rows for key in row))
-    cells = [[_scalar(row.get(c, "")) for c in columns] for row in rows]
+    cells = [[_scalar(row.get(c)) for c in columns] for row in rows]
     widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(columns)]
-    lines = [indent + "  ".join(c.ljust(w) for c, w in zip(columns, widths))]
-    return lines + [indent + "  ".join(v.ljust(w) for v, w in zip(r, widths)) for r in cells]
+    numeric = [all(_is_number(row.get(c)) for row in rows) for c in columns]  # right-aligned
+
+    def line(values: list[str]) -> str:
+        return indent + "  ".join(v.rjust(w) if n else v.ljust(w) for v, w, n in zip(values, widths, numeric)).rstrip()
+
+    return [line(columns)] + [line(r) for r in cells]
+
+
+def _is_number(value: object) -> bool:
+    return value is None or (isinstance(value, (int, float)) and not isinstance(value, bool))
 
 
 def _lines(value: dict, indent: str = "") -> list[str]:
@@ -36,7 +46,7 @@ def _lines(value: dict, indent: str = "") -> list[str]:
         ):
             lines.append(f"{indent}{key}:")
             lines += _table([{"": k, **v} for k, v in item.items()], indent + "  ")
-        elif isinstance(item, dict):
+        elif isinstance(item, dict) and item:
             lines.append(f"{indent}{key}:")
             lines += _lines(item, indent + "  ")
         elif isinstance(item, list) and item and all(isinstance(v, dict) for v in item):

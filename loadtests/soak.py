@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import random
+import statistics
 import sys
 import tempfile
 import time
@@ -25,7 +25,9 @@ from pathlib import Path
 import httpx
 from httpx_sse import aconnect_sse
 
-from tests.support import ServerProcess, scrape
+from loadtests.common import finish, machine_info
+from server.engine.devices import resolve_device
+from tests.support import ServerProcess, scrape, wait_for
 
 BAD_BODIES = [
     {"prompt": "x", "gen_length": 0},
@@ -40,11 +42,11 @@ BAD_BODIES = [
 KINDS = ("generate", "stream", "cancel", "score", "bad")
 
 
-def rss_bytes(pid: int) -> int:
+def rss_mb(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    return 0
+            return round(int(line.split()[1]) / 1024, 1)
+    return 0.0
 
 
 def generation_body(rng: random.Random) -> dict:
@@ -60,50 +62,47 @@ def generation_body(rng: random.Random) -> dict:
     }
 
 
+def score_body(rng: random.Random) -> dict:
+    pair = {"context": "soak " * rng.randint(1, 20), "continuation": " test" * rng.randint(1, 3)}
+    return {"requests": [pair], "mc_num": 8, "batch_size": 4, "greedy": rng.random() < 0.5}
+
+
 async def one_request(client: httpx.AsyncClient, kind: str, rng: random.Random, tally: Counter) -> float:
     """Sends one request; returns how long to back off (the 429's Retry-After, jittered)."""
     tally[f"sent:{kind}"] += 1
     try:
-        if kind in ("generate", "bad", "score"):
-            if kind == "score":
-                url, body = (
-                    "/v1/loglikelihood",
-                    {
-                        "requests": [
-                            {"context": "soak " * rng.randint(1, 20), "continuation": " test" * rng.randint(1, 3)}
-                        ],
-                        "mc_num": 8,
-                        "batch_size": 4,
-                        "greedy": rng.random() < 0.5,
-                    },
-                )
-            else:
-                url = "/v1/generate"
-                body = rng.choice(BAD_BODIES) if kind == "bad" else generation_body(rng)
-            response = await client.post(url, json=body)
-            tally[f"status:{response.status_code}"] += 1
-            tally[f"{kind}:{response.status_code}"] += 1
-            return backoff(response, rng)
-        body = {**generation_body(rng), "stream": True}
-        async with aconnect_sse(client, "POST", "/v1/generate", json=body) as source:
-            status = source.response.status_code
-            tally[f"status:{status}"] += 1
-            tally[f"{kind}:{status}"] += 1
-            if status != 200:
-                await source.response.aread()
-                return backoff(source.response, rng)
-            last = None
-            async for event in source.aiter_sse():
-                last = event.event
-                if kind == "cancel" and last == "step":
-                    return 0.0  # leaving the stream cancels the job
-            if last not in ("done", "error"):
-                tally["lost"] += 1
-            elif last == "error":
-                tally["stream_error_events"] += 1
+        if kind == "score":
+            response = await client.post("/v1/loglikelihood", json=score_body(rng))
+        elif kind in ("generate", "bad"):
+            body = rng.choice(BAD_BODIES) if kind == "bad" else generation_body(rng)
+            response = await client.post("/v1/generate", json=body)
+        else:
+            return await one_stream(client, kind, rng, tally)
+        tally[f"status:{response.status_code}"] += 1
+        tally[f"{kind}:{response.status_code}"] += 1
+        return backoff(response, rng)
     except httpx.HTTPError as exc:
         tally["lost"] += 1
         tally[f"transport:{type(exc).__name__}"] += 1
+    return 0.0
+
+
+async def one_stream(client: httpx.AsyncClient, kind: str, rng: random.Random, tally: Counter) -> float:
+    async with aconnect_sse(client, "POST", "/v1/generate", json={**generation_body(rng), "stream": True}) as source:
+        tally[f"status:{source.response.status_code}"] += 1
+        tally[f"{kind}:{source.response.status_code}"] += 1
+        if source.response.status_code != 200:
+            await source.response.aread()
+            return backoff(source.response, rng)
+        last = None
+        async for event in source.aiter_sse():
+            last = event.event
+            if kind == "cancel" and last == "step":
+                return 0.0  # leaving the stream cancels the job
+        if last not in ("done", "error"):
+            tally["lost"] += 1
+        elif last == "error":
+            tally["stream_error_events"] += 1
     return 0.0
 
 
@@ -121,10 +120,10 @@ async def client_loop(url: str, deadline: float, seed: int, tally: Counter) -> N
             await asyncio.sleep(min(wait, max(0.0, deadline - time.monotonic())))
 
 
-async def sample_memory(pid: int, deadline: float, samples: list[tuple[float, int]], every: float) -> None:
+async def sample_memory(pid: int, deadline: float, samples: list[dict], every: float) -> None:
     start = time.monotonic()
     while time.monotonic() < deadline:
-        samples.append((time.monotonic() - start, rss_bytes(pid)))
+        samples.append({"at_s": round(time.monotonic() - start, 1), "rss_mb": rss_mb(pid)})
         await asyncio.sleep(every)
 
 
@@ -133,32 +132,34 @@ def gauges(url: str) -> dict[str, float]:
     return {name: metrics.value(name) for name in ("llada_queue_depth", "llada_running_jobs")}
 
 
-async def run(args: argparse.Namespace, url: str, pid: int) -> dict:
+async def load(args: argparse.Namespace, url: str, pid: int) -> tuple[Counter, list[dict]]:
+    """The clients' tally and the server's RSS samples."""
     tally: Counter = Counter()
-    samples: list[tuple[float, int]] = []
+    samples: list[dict] = []
     deadline = time.monotonic() + args.seconds
     await asyncio.gather(
         sample_memory(pid, deadline, samples, every=max(1.0, args.seconds / 30)),
         *(client_loop(url, deadline, seed, tally) for seed in range(args.concurrency)),
     )
-    settle = time.monotonic() + 30
-    while any(gauges(url).values()) and time.monotonic() < settle:
-        await asyncio.sleep(0.2)
+    return tally, samples
+
+
+def report(args: argparse.Namespace, url: str, tally: Counter, samples: list[dict]) -> dict:
+    try:
+        wait_for(lambda: not any(gauges(url).values()), timeout=30, what="the queue and running gauges to be 0")
+    except AssertionError:
+        pass  # gauges_after below shows which one is left, and the exit status fails
     third = max(1, len(samples) // 3)
     return {
-        "seconds": args.seconds,
-        "concurrency": args.concurrency,
-        "max_queue": args.max_queue,
+        "settings": {"seconds": args.seconds, "concurrency": args.concurrency, "max_queue": args.max_queue},
         "sent": sum(v for k, v in tally.items() if k.startswith("sent:")),
         "lost": tally["lost"],
         "server_errors_5xx": sum(v for k, v in tally.items() if k.startswith("status:5")),
         "tally": dict(sorted(tally.items())),
         "gauges_after": gauges(url),
-        "rss_mb_start": samples[0][1] / 2**20,
-        "rss_mb_end": samples[-1][1] / 2**20,
-        "rss_mb_first_third_mean": sum(s[1] for s in samples[:third]) / third / 2**20,
-        "rss_mb_last_third_mean": sum(s[1] for s in samples[-third:]) / third / 2**20,
-        "rss_samples": [(round(t, 1), round(b / 2**20, 1)) for t, b in samples],
+        "rss_mb_first_third_mean": round(statistics.mean(s["rss_mb"] for s in samples[:third]), 1),
+        "rss_mb_last_third_mean": round(statistics.mean(s["rss_mb"] for s in samples[-third:]), 1),
+        "rss_mb": samples,
     }
 
 
@@ -168,25 +169,26 @@ def main() -> int:
     parser.add_argument("--concurrency", type=int, default=12)
     parser.add_argument("--max-queue", type=int, default=4)
     parser.add_argument("--max-batch-rows", type=int, default=8)
-    parser.add_argument("--json", type=Path)
+    parser.add_argument("--json", dest="json_path")
     args = parser.parse_args()
+    started = time.perf_counter()
     log = tempfile.NamedTemporaryFile("w", suffix=".log", delete=False)
-    server = ServerProcess(
-        ["--max-queue", str(args.max_queue), "--max-batch-rows", str(args.max_batch_rows), "--log-level", "warning"],
-        Path(log.name),
-    )
+    server_args = ["--max-queue", str(args.max_queue), "--max-batch-rows", str(args.max_batch_rows)]
+    server = ServerProcess([*server_args, "--log-level", "warning"], Path(log.name))
     try:
         server.wait_ready()
-        report = asyncio.run(run(args, server.url, server.proc.pid))
+        result = {
+            "command": "python -m loadtests.soak " + " ".join(sys.argv[1:]),
+            "machine": machine_info(resolve_device("auto")),
+            **report(args, server.url, *asyncio.run(load(args, server.url, server.proc.pid))),
+        }
     finally:
-        report_exit = server.stop(timeout=60)
-    report["server_exit_code"] = report_exit
-    report["server_log"] = log.name
-    print(json.dumps({k: v for k, v in report.items() if k != "rss_samples"}, indent=2))
-    if args.json:
-        args.json.write_text(json.dumps(report, indent=2))
-    healthy = report["lost"] == 0 and report["server_errors_5xx"] == 0 and not any(report["gauges_after"].values())
-    return 0 if healthy and report_exit == 0 else 1
+        exit_code = server.stop(timeout=60)
+    result["server_exit_code"] = exit_code
+    result["server_log"] = log.name
+    finish(result, started, args.json_path)
+    healthy = result["lost"] == 0 and result["server_errors_5xx"] == 0 and not any(result["gauges_after"].values())
+    return 0 if healthy and exit_code == 0 else 1
 
 
 if __name__ == "__main__":
