@@ -9,12 +9,18 @@ sent then add up to exactly the text the same request gets without streaming.
 
 This relies on the tokenizer decoding a longer prefix to an extension of a shorter one's text,
 apart from an unfinished character (true of byte-level BPE, which does no clean-up of spaces).
+A tokenizer may break that for a while (SentencePiece's byte fallback decodes "é", then, with the
+first byte of a next character, three U+FFFD until that character is whole): the stream then
+waits. If the decided text still does not extend what was sent (that character never completed),
+sent text cannot be taken back, so the stream ends with an error rather than with pieces that
+silently add up to another text.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 
+from server.api.errors import ApiError
 from server.api.stop_strings import cut_at_stop, undecided_tail
 from server.engine.events import Reveal
 from server.engine.text_codec import TextCodec
@@ -81,6 +87,13 @@ class CommittedText:
 
     def _decide(self, text: str, finish_reason: str) -> str:
         self.finish_reason = finish_reason
+        if not text.startswith(self.sent):
+            raise ApiError(
+                500,
+                "the text already streamed is not the start of the answer's text (this tokenizer decoded "
+                "a longer prefix differently); ask again without stream",
+                code="stream_text_diverged",
+            )
         return self._send(text)
 
     def _send(self, text: str) -> str:

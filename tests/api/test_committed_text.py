@@ -7,10 +7,14 @@ from __future__ import annotations
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from tokenizers import Tokenizer, decoders, models
+from transformers import PreTrainedTokenizerFast
 
 from server.api.committed_text import CommittedText, answer_text
+from server.api.errors import ApiError
 from server.api.stop_strings import cut_at_stop, undecided_tail
 from server.engine.events import Reveal
+from server.engine.text_codec import TextCodec
 
 HELLO = list("héllo".encode())  # the demo tokenizer has one token per byte: é is two tokens
 
@@ -125,3 +129,48 @@ def test_the_sent_pieces_add_up_to_the_unstreamed_answer(tiny_model, data):
     expected, finish_reason = answer_text(codec, tokens, stops, stop_strings)
     assert sent == expected
     assert text.finish_reason == finish_reason
+
+
+# A SentencePiece-style tokenizer (Llama 2, Mistral): bytes missing from the vocabulary are
+# <0xNN> tokens, and its decoder turns a run of them that is not valid UTF-8 into one U+FFFD per
+# byte, so a longer prefix can decode to a text that does not extend a shorter one's.
+EOS, WORD_A = 1, 2
+
+
+def byte_token(byte: int) -> int:
+    return 3 + byte
+
+
+@pytest.fixture(scope="module")
+def byte_fallback_codec() -> TextCodec:
+    vocab = {"<unk>": 0, "</s>": EOS, "\u2581a": WORD_A, **{f"<0x{b:02X}>": byte_token(b) for b in range(256)}}
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>", byte_fallback=True))
+    tokenizer.decoder = decoders.Sequence(
+        [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
+    )
+    return TextCodec(PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="</s>", unk_token="<unk>"))
+
+
+def stream_in_order(codec: TextCodec, tokens: list[int]) -> str:
+    """Reveal the answer left to right, one token a step, then finish it: the pieces sent."""
+    text = CommittedText(codec, (EOS,), (), len(tokens), ())
+    sent = "".join(reveal(text, p, tokens=tokens) for p in range(len(tokens)))
+    return sent + text.finish(tokens)
+
+
+def test_a_byte_fallback_character_that_completes_is_waited_for_and_adds_up(byte_fallback_codec):
+    tokens = [byte_token(b) for b in "é€".encode()] + [WORD_A]
+    # Three of these prefixes decode to U+FFFDs that replace the "é" already sent.
+    assert byte_fallback_codec.decode(tokens[:3]) == "\ufffd" * 3
+    expected, _ = answer_text(byte_fallback_codec, tokens, (EOS,), ())
+    assert expected == "é€ a"
+    assert stream_in_order(byte_fallback_codec, tokens) == expected
+
+
+def test_a_streamed_text_the_answer_does_not_extend_ends_in_an_error_not_a_wrong_text(byte_fallback_codec):
+    # "é" is sent; a lone lead byte then turns it into U+FFFDs for good.
+    tokens = [byte_token(b) for b in "é".encode()] + [byte_token(0xE2), WORD_A]
+    assert answer_text(byte_fallback_codec, tokens, (EOS,), ())[0] == "\ufffd" * 3 + " a"
+    with pytest.raises(ApiError) as raised:
+        stream_in_order(byte_fallback_codec, tokens)
+    assert (raised.value.status, raised.value.code) == (500, "stream_text_diverged")

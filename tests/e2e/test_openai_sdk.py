@@ -11,6 +11,7 @@ import openai
 import pytest
 
 from server.api.stop_strings import cut_at_stop
+from server.config import ServerConfig
 from tests.support import scrape, wait_for
 
 from . import HTTP_TIMEOUT, running_server
@@ -184,6 +185,35 @@ def test_a_wrong_or_missing_key_raises_authentication_error(server, model):
         assert raised.value.status_code == 401 and raised.value.code == "invalid_api_key"
         with pytest.raises(openai.AuthenticationError):
             client.chat.completions.create(model=model, messages=CHAT, stream=True)
+
+        # No key at all: the SDK refuses an empty api_key, so the header is omitted its own way.
+        no_key = {"Authorization": openai.omit}
+        with pytest.raises(openai.AuthenticationError) as raised:
+            client.completions.create(model=model, prompt="hi", max_tokens=8, extra_headers=no_key)
+        assert raised.value.status_code == 401 and raised.value.code == "invalid_api_key"
+        assert "authorization" not in raised.value.response.request.headers, "a key was sent after all"
+        with pytest.raises(openai.AuthenticationError):
+            client.chat.completions.create(model=model, messages=CHAT, stream=True, extra_headers=no_key)
+
+
+def test_a_full_queue_raises_rate_limit_error_and_the_server_recovers(sdk, server, model):
+    # One request whose n answers are more jobs than the server runs plus queues, all submitted at
+    # once: the first past the queue is refused before any of them can finish, so there is no race.
+    defaults = ServerConfig()
+    n = defaults.max_batch_rows + defaults.max_queue + 1
+    with pytest.raises(openai.RateLimitError) as raised:
+        sdk.completions.create(model=model, prompt="Busy", n=n, max_tokens=LENGTH, temperature=0, extra_body=SETTINGS)
+    assert raised.value.status_code == 429 and raised.value.code == "queue_full"
+    assert int(raised.value.response.headers["retry-after"]) >= 1
+
+    # The choices already queued were cancelled with it: the server empties and answers again.
+    def idle() -> bool:
+        now = scrape(server.url)
+        return now.value("llada_running_jobs") == 0 and now.value("llada_queue_depth") == 0
+
+    wait_for(idle, timeout=30, what="the refused request's jobs to be cancelled")
+    answer = sdk.completions.create(model=model, prompt="Busy", max_tokens=8, extra_body={"steps": 2})
+    assert answer.choices[0].finish_reason in ("stop", "length")
 
 
 def test_closing_a_stream_cancels_its_job(sdk, server, model):

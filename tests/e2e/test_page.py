@@ -36,6 +36,7 @@ CHROMIUM_ARGS = [
 ]
 SCREENSHOT_DIR = "LLADA_SCREENSHOT_DIR"
 KEY = "page-key-5d1e9a"
+UNAUTHORIZED = "Failed to load resource: the server responded with a status of 401 (Unauthorized)"
 
 # Installed in the page by the test: one record per DOM change of the answer canvas (the step
 # figure and each position's colour class), so frames replaced within milliseconds are all seen.
@@ -84,9 +85,10 @@ class PageRun:
         )
         return self.answers()
 
-    def assert_clean(self, server: ServerProcess) -> None:
-        """No console errors, and every request went to the server under test (so to this machine)."""
-        assert not self.console_errors, self.console_errors
+    def assert_clean(self, server: ServerProcess, expected_errors: tuple[str, ...] = ()) -> None:
+        """No console errors but the expected ones, and every request went to the server under test
+        (so to this machine)."""
+        assert self.console_errors == list(expected_errors), self.console_errors
         origin = urlsplit(server.url)
         elsewhere = [r.url for r in self.requests if urlsplit(r.url)[:2] != origin[:2]]
         assert not elsewhere, elsewhere
@@ -306,6 +308,9 @@ def test_with_an_api_key_the_page_shows_the_401_then_works_with_the_key(start_se
     assert [r.headers.get("authorization") for r in sent] == [None, f"Bearer {KEY}"]
     auth = {"Authorization": f"Bearer {KEY}"}
     assert text == server_answer(keyed, run.generate_bodies()[-1], auth)["text"]
+    # Chromium logs every 4xx answer to a fetch, which no page can prevent: exactly the two 401s
+    # before the key (/v1/models, then the first /v1/generate), and nothing else.
+    run.assert_clean(keyed, expected_errors=(UNAUTHORIZED,) * 2)
 
 
 def test_errors_show_the_envelope_and_point_at_the_field_to_fix(server, open_page):

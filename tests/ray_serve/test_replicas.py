@@ -1,6 +1,7 @@
 """Two CPU replicas of a tiny model behind Ray Serve's proxy (`llada-server ray --replicas 2`), one
 Ray for the whole module: requests spread over both (per-replica metrics say so), answers and
-streams equal a single server's, overload is a 429 envelope, a killed replica fails only its own
+streams equal a single server's, the OpenAI routes (through the real SDK) and the page pass
+through the proxy as they are, overload is a 429 envelope, a killed replica fails only its own
 requests (with an envelope or an `error` event) and comes back, and SIGTERM drains, exits 0 and
 leaves no Ray process behind; a client that hangs up cancels its job. The module's last test
 stops the server; keep it last."""
@@ -8,13 +9,17 @@ stops the server; keep it last."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import time
+from importlib.resources import files
 
 import httpx
+import openai
 import pytest
 
+from server.api.ui import PAGE_FILES
 from tests.e2e import HTTP_TIMEOUT, assert_envelope, astream_events, check_answer, stream_events
 from tests.e2e.test_concurrency import MIXED
 from tests.e2e.test_concurrency import _send as send
@@ -85,6 +90,47 @@ def test_answers_and_streams_equal_a_single_servers(ray_server, start_server, ti
     for (body, _), expected, got in zip(MIXED, alone, replicated):
         check_answer(got, body)
         assert (got["token_ids"], got["text"]) == (expected["token_ids"], expected["text"]), body
+
+
+def test_the_openai_routes_and_the_page_work_through_the_proxy_as_they_are(ray_server, tiny_checkpoint):
+    settings = {"gen_length": 16, "steps": 8, "block_length": 8, "logits_eos_inf": True}
+    openai_settings = {k: v for k, v in settings.items() if k != "gen_length"}
+    chat = [{"role": "user", "content": "Hello"}]
+    with httpx.Client(base_url=ray_server.url, timeout=HTTP_TIMEOUT) as client:
+        native = client.post("/v1/generate", json={"prompt": "Once upon", **settings}).json()
+        native_chat = client.post("/v1/generate", json={"messages": chat, **settings}).json()
+        check_answer(native, settings)
+
+        # The real SDK, plain and streamed (temperature 0: whichever replica answers, the same text).
+        model = tiny_checkpoint.name
+        with openai.OpenAI(base_url=ray_server.url + "/v1", api_key="unused", max_retries=0, timeout=60) as sdk:
+            plain = sdk.completions.create(
+                model=model, prompt="Once upon", max_tokens=16, temperature=0, extra_body=openai_settings
+            )
+            stream = sdk.completions.create(
+                model=model, prompt="Once upon", max_tokens=16, temperature=0, stream=True, extra_body=openai_settings
+            )
+            streamed = "".join(chunk.choices[0].text for chunk in stream)
+        assert plain.choices[0].text == streamed == native["text"]
+
+        # A chat stream read as the bytes the proxy sends: `data:` chunks, then `data: [DONE]`.
+        body = {"model": model, "messages": chat, "max_tokens": 16, "temperature": 0, "stream": True}
+        with client.stream("POST", "/v1/chat/completions", json={**body, **openai_settings}) as response:
+            assert response.status_code == 200 and response.headers["content-type"].startswith("text/event-stream")
+            data = [line.removeprefix("data: ") for line in response.iter_lines() if line.startswith("data: ")]
+        assert data[-1] == "[DONE]", data[-3:]
+        choices = [choice for chunk in data[:-1] for choice in json.loads(chunk)["choices"]]
+        assert "".join(c["delta"].get("content") or "" for c in choices) == native_chat["text"]
+        assert choices[-1]["finish_reason"] == native_chat["finish_reason"]
+
+        # The page and its files, byte for byte as the package ships them.
+        static = files("server.api") / "static"
+        for path, (name, media_type) in PAGE_FILES.items():
+            response = client.get(path)
+            assert response.status_code == 200, (path, response.status_code)
+            assert response.headers["content-type"] == media_type, path
+            assert response.content == (static / name).read_bytes(), path
+        assert "<title>llada-server</title>" in client.get("/").text
 
 
 def test_a_client_that_hangs_up_on_the_proxy_cancels_its_job(ray_server):
