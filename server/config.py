@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -77,7 +78,7 @@ def parse_size(text: str) -> int | None:
         return None
     unit = value[-1:] if value[-1:] in SIZE_UNITS and not value[-1:].isdigit() else ""
     number = float(value[: len(value) - len(unit)])
-    if number < 0:
+    if not 0 <= number < math.inf:  # negative, infinite or NaN
         raise ValueError(text)
     return int(number * SIZE_UNITS[unit])
 

@@ -33,8 +33,8 @@ from server.engine.kv_cache import KVPool, pages_for, slots
 from server.engine.loader import LoadedModel
 from server.engine.sampling_params import SamplingParams
 
-# Most candidate rows whose logits are computed in one LM-head call: a [rows, vocab] float32
-# buffer, 260 MB at LLaDA's vocabulary. Jobs beyond it go in further calls.
+# Most candidate rows whose logits are computed in one LM-head call by default: a [rows, vocab]
+# float32 buffer, 260 MB at LLaDA's vocabulary. Jobs beyond it go in further calls.
 HEAD_ROWS = 512
 
 
@@ -99,9 +99,13 @@ def cache_pages_for(prompt_len: int, params: SamplingParams) -> int:
 
 
 class Denoiser:
-    def __init__(self, loaded: LoadedModel, hooks: ForwardHooks | None = None, cache_pages: int = 0):
-        """cache_pages: the KV-cache pool's size; the caller admits no more cached jobs than fit."""
+    def __init__(
+        self, loaded: LoadedModel, hooks: ForwardHooks | None = None, cache_pages: int = 0, head_rows: int = HEAD_ROWS
+    ):
+        """cache_pages: the KV-cache pool's size; the caller admits no more cached jobs than fit.
+        head_rows: the most candidate rows per LM-head call (a job over it gets a call alone)."""
         self.loaded = loaded
+        self.head_rows = head_rows
         self.model = loaded.model
         self.mask_id = loaded.special.mask
         self.eos_id = loaded.special.eos
@@ -177,7 +181,7 @@ class Denoiser:
             return choose(logits, [self._choice(work.owner) for work in chunk], self.eos_id, stops, width)
 
         try:
-            outcome = run_step(self.model, works, self.eos_id, self.hooks, HEAD_ROWS, decide, self.pool)
+            outcome = run_step(self.model, works, self.eos_id, self.hooks, self.head_rows, decide, self.pool)
         except BaseException:
             for job in jobs:
                 if id(job) in saved:

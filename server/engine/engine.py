@@ -197,17 +197,25 @@ class Engine:
 
     def _run_batch(self, batch: Batch) -> None:
         now = time.monotonic()
+        jobs = []
         for job in batch.jobs:
             item: WorkItem = job.payload
             if item.started is None:
                 item.started = now
                 self.metrics.queue_wait_seconds.observe(now - item.submitted)
-                if item.engine_job is None:  # made here, so the device is touched by this thread only
+            if item.engine_job is None:  # made here, so the device is touched by this thread only
+                try:
                     item.engine_job = self.denoiser.new_job(item.prompt_ids, item.params, item.report_steps)
+                except Exception as exc:  # the first cached job allocates the KV pool: it may not fit
+                    self._fail([job], "engine_error", f"the request could not start: {type(exc).__name__}: {exc}")
+                    continue
+            jobs.append(job)
+        if not jobs:
+            return
         if batch.kind is JobKind.GENERATE:
-            self._generate(batch.jobs)
+            self._generate(jobs)
         else:
-            self._score([(job, batch.units[job.id]) for job in batch.jobs])
+            self._score([(job, batch.units[job.id]) for job in jobs])
         if self.loaded.device.type == "cuda":
             self.metrics.observe_device_memory(torch.cuda.memory_allocated(), torch.cuda.memory_reserved())
 

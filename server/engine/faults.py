@@ -3,10 +3,12 @@
 Spec: comma-separated items `KIND@N` or `KIND@N-M`, optionally with the suffix `:head`. N counts
 model forwards from 1 (every forward: a step whose rows run in two length groups is two
 forwards; a retry is a new forward). `KIND@N` hits forward N, `KIND@N-M` every forward from N to
-M. Without a suffix the forward itself raises; with `:head` the forward runs and the LM head (and
-token choice) of its step raises instead. KIND: `error` (RuntimeError), `oom`
-(torch.OutOfMemoryError, which the engine retries as smaller groups) or `die` (the engine thread
-itself dies, as a bug outside the per-forward isolation would make it).
+M. Without a suffix the forward itself raises; with `:head` the forward runs and the step's last
+LM-head call (and its token choice) raises instead: when a step's candidates need several head
+calls, the earlier ones have already chosen their jobs' tokens, the case a step's transaction
+must undo. KIND: `error` (RuntimeError), `oom` (torch.OutOfMemoryError, which the engine retries
+as smaller groups) or `die` (the engine thread itself dies, as a bug outside the per-forward
+isolation would make it).
 """
 
 from __future__ import annotations
@@ -69,8 +71,8 @@ class FaultInjector:
         if kind is not None:
             self._head_due = (kind, self.forwards)
 
-    def before_head(self) -> None:
-        if self._head_due is not None:
+    def before_head(self, last: bool) -> None:
+        if last and self._head_due is not None:
             kind, forward = self._head_due
             self._head_due = None
             _raise(kind, f"the LM head after forward {forward}")

@@ -158,7 +158,8 @@ def run_step(
     works = [work for work in works if id(work.owner) not in bad]
     results, ran = [], []
     at_cond, at_uncond = 0, sum(len(work.positions) for work in works)
-    for chunk in head_chunks(works, head_rows):
+    chunks = head_chunks(works, head_rows)
+    for number, chunk in enumerate(chunks, 1):
         cond = sum(len(work.positions) for work in chunk)
         uncond = sum(len(work.positions) for work in chunk if work.uncond is not None)
         hidden = states.hidden[at_cond : at_cond + cond]
@@ -166,7 +167,7 @@ def run_step(
             hidden = torch.cat([hidden, states.hidden[at_uncond : at_uncond + uncond]])
         at_cond, at_uncond = at_cond + cond, at_uncond + uncond
         try:
-            hooks.before_head()
+            hooks.before_head(last=number == len(chunks))
             results.append(decide(model.logits(hidden), chunk))
         except torch.OutOfMemoryError:
             raise

@@ -48,8 +48,9 @@ class ForwardHooks:
             end.record()
             self._cuda_timings.append((start, end))
 
-    def before_head(self) -> None:
-        self.faults.before_head()
+    def before_head(self, last: bool) -> None:
+        """Before each LM-head call of the step; `last` for its final one."""
+        self.faults.before_head(last)
 
     def step_finished(self) -> None:
         """After the step (successful or not). Past the step's device-to-host copy every recorded

@@ -3,7 +3,7 @@ requests.
 
 A scoring job turns each (prefix, target) pair into rows of work: MC rows (a noisy copy of the
 sequence with some target positions masked) and, if asked, one greedy row per pair per forward.
-Rows of any jobs share forwards (padding.forward_rows) and one LM-head call per HEAD_ROWS
+Rows of any jobs share forwards (forwards.run_step) and one LM-head call per HEAD_ROWS
 positions, which runs only on the masked positions; the results are read back once per step.
 
 A step is a transaction, as the denoiser's: rows are taken from the jobs, and results written

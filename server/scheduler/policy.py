@@ -19,7 +19,8 @@ Rules, and why they cannot starve anyone:
   enough score jobs running to fill a forward and leaves the rest visible as queue depth
   (and therefore subject to the bound and to 429).
 * Padding is not decided here: the engine splits a step's rows into forwards of similar
-  length (server/engine/padding.py), so every running generate job steps every iteration.
+  length (server/engine/forwards.py, length_groups), so every running generate job steps
+  every iteration.
 * Kinds alternate (round-robin) when both have work, so a flood of either kind gets at most
   every other step.
 """

@@ -2,7 +2,8 @@
 process: bad values are 400s naming the field, `approximate` says when the answer may differ from
 the exact sampler's, the server's --default-* settings fill what a request leaves out, early
 stop ends the answer with the text of the run without it, and a cached request is bounded by
---max-cache-memory (it waits while the cache is full, and a request that can never fit is a 400)."""
+--max-cache-memory (it waits while the cache is full, a request that can never fit is a 400, and
+one whose cache cannot be allocated fails alone)."""
 
 from __future__ import annotations
 
@@ -100,11 +101,15 @@ def test_early_stop_ends_the_answer_with_the_same_text(eos_heavy, fields):
         stopped = generate(client, **fields, early_stop=True)
     assert eos_heavy.special.eos in plain["token_ids"][:16], "the test needs an EOS before the last block"
     assert stopped["text"] == plain["text"]
-    assert stopped["finish_reason"] == "stop"
     assert stopped["usage"]["nfe"] < plain["usage"]["nfe"]  # only what ran is counted
     first_eos = stopped["token_ids"].index(eos_heavy.special.eos)
     stop_end = (first_eos // 8 + 1) * 8  # the end of the block that holds it
-    assert stopped["token_ids"][stop_end:] == [eos_heavy.special.eos] * (24 - stop_end)
+    # The blocks up to the stop are decoded as without early stop; every later position is EOS,
+    # where the plain run went on decoding. (Both say finish_reason "stop": early stop needs an
+    # EOS or EOT in the answer, and that same token cuts the plain run's text.)
+    assert stopped["token_ids"][:stop_end] == plain["token_ids"][:stop_end]
+    eos_after = [eos_heavy.special.eos] * (24 - stop_end)
+    assert stopped["token_ids"][stop_end:] == eos_after != plain["token_ids"][stop_end:]
 
 
 def test_a_cache_that_can_never_fit_is_a_400_naming_cache(tiny_model):
@@ -114,6 +119,16 @@ def test_a_cache_that_can_never_fit_is_a_400_naming_cache(tiny_model):
         )
         assert "--max-cache-memory" in error["message"]
         assert generate(client)["approximate"] is False  # exact requests need no cache
+
+
+def test_a_cache_that_cannot_be_allocated_fails_only_its_request(tiny_model):
+    # A budget beyond the address space, as one above a GPU's free memory: the KV pool, made for
+    # the first cached request, cannot be allocated. That request is a 500; the engine goes on.
+    with app_client(tiny_model, max_cache_memory="4096T") as client:
+        response = client.post("/v1/generate", json={**BASE, "cache": "dual"})
+        assert_error(response, 500, "server_error", code="engine_error")
+        assert client.get("/health").status_code == 200
+        assert generate(client)["approximate"] is False
 
 
 def test_cached_requests_wait_while_the_cache_is_full_and_the_gauge_returns_to_zero(tiny_model):

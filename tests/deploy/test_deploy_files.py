@@ -243,6 +243,7 @@ def test_dashboard_covers_the_key_metrics():
         "llada_generated_tokens_total",
         "llada_rejected_total",
         "llada_device_memory_bytes",
+        "llada_kv_cache_bytes",
     ):
         assert name in used, name
 

@@ -83,7 +83,7 @@ def test_a_grace_period_that_runs_out_ends_the_stream_with_an_error_and_exits_0(
 
 
 # Two prompt lengths (18 and 38 tokens with the answer) whose padding together would waste over a
-# quarter of a forward: the engine runs each step as two forwards (server/engine/padding.py), so
+# quarter of a forward: the engine runs each step as two forwards (server/engine/forwards.py, length_groups), so
 # forward 3 holds one length group's jobs only and the other group always survives.
 SHORT, LONG = "a" * 10, "b" * 30
 

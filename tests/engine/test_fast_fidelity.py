@@ -106,17 +106,13 @@ def test_a_batch_of_every_mode_phase_and_length_gives_each_row_its_solo_answer(d
             assert got[0] == reference(demo, prompt, params)[0], params
 
 
+@pytest.mark.parametrize(
+    "reveal", [{}, {"threshold": THRESHOLD}, {"factor": FACTOR}], ids=["fixed", "threshold", "factor"]
+)
 @pytest.mark.parametrize("cache", ["none", "prefix", "dual"])
-def test_seeded_sampling_is_reproducible_and_batch_independent_in_every_mode(demo, cache):
+def test_seeded_sampling_is_reproducible_and_batch_independent_in_every_mode(demo, cache, reveal):
     params = P(
-        gen_length=16,
-        block_length=8,
-        steps=8,
-        temperature=0.9,
-        remasking="random",
-        seed=1234,
-        cache=cache,
-        threshold=THRESHOLD,
+        gen_length=16, block_length=8, steps=8, temperature=0.9, remasking="random", seed=1234, cache=cache, **reveal
     )
     solo = engine(demo, [(PROMPT_B, params)])[0]
     assert solo == engine(demo, [(PROMPT_B, params)])[0] == reference(demo, PROMPT_B, params)

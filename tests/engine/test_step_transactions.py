@@ -1,6 +1,7 @@
 """A step is a transaction: a step that raises leaves every job exactly as it was (canvas, block,
 counters, generator state, scoring rows and sums), and the engine's retry of an out-of-memory
-step as smaller groups gives every job the tokens of a run without faults."""
+step as smaller groups gives every job the tokens of a run without faults. A job that fails
+(its forward, or its setup) fails alone: the loop lives and its KV-cache pages go back."""
 
 from __future__ import annotations
 
@@ -37,13 +38,18 @@ def assert_same(before: dict, after: dict) -> None:
 
 
 # Counted from the failing step's first forward; these jobs' rows run as two forwards per step.
+# head_rows=1 gives each job an LM-head call of its own, and a `:head` fault strikes the step's
+# last one: the two seeded jobs' tokens are already chosen (their generators drawn) when it raises.
 @pytest.mark.parametrize("fault", ["oom@1", "oom@2", "oom@1:head", "die@2:head"])
 def test_a_step_that_raises_leaves_every_job_as_it_was(tiny_model, fault):
-    denoiser = Denoiser(tiny_model, ForwardHooks(FaultInjector(None)))
+    denoiser = Denoiser(tiny_model, ForwardHooks(FaultInjector(None)), head_rows=1)
+    seeded = dict(temperature=0.9, remasking="random")
     jobs = [
+        denoiser.new_job(PROMPT, SamplingParams(gen_length=12, steps=6, **seeded, seed=3)),
+        denoiser.new_job(
+            PROMPT[:4], SamplingParams(gen_length=8, block_length=8, steps=4, cfg_scale=1.0, **seeded, seed=5)
+        ),
         denoiser.new_job(PROMPT, SamplingParams(gen_length=16, block_length=8, steps=16)),
-        denoiser.new_job(PROMPT[:4], SamplingParams(gen_length=8, block_length=8, steps=4, cfg_scale=1.0)),
-        denoiser.new_job(PROMPT, SamplingParams(gen_length=12, steps=6, temperature=0.9, remasking="random", seed=3)),
     ]
     assert len(denoiser.step(jobs).events) == 3
     assert denoiser.hooks.faults.forwards == 2  # so oom@2 strikes after the step's first forward ran
@@ -91,9 +97,10 @@ def test_a_scoring_step_that_raises_gives_its_rows_back(tiny_model, fault):
         assert got.loglikelihood == pytest.approx(want.loglikelihood, rel=1e-5)
 
 
-def run_engine(loaded, fault: str | None, requests: list[tuple[list[int], SamplingParams]]) -> list[object]:
-    """Submit every request before the loop starts (so they share the first step) and wait."""
-    engine = Engine(loaded, EngineSettings(inject_faults=fault))
+def run_engine(loaded, requests: list[tuple[list[int], SamplingParams]], **settings) -> tuple[list[object], Engine]:
+    """Submit every request before the loop starts (so they share the first step), wait for
+    every answer and stop the engine; each request's last event, and the stopped engine."""
+    engine = Engine(loaded, EngineSettings(**settings))
     results: list[list] = [[] for _ in requests]
     done = threading.Semaphore(0)
 
@@ -114,7 +121,7 @@ def run_engine(loaded, fault: str | None, requests: list[tuple[list[int], Sampli
         assert engine.alive
     finally:
         engine.stop()
-    return [events[-1] for events in results]
+    return [events[-1] for events in results], engine
 
 
 def test_oom_in_the_head_with_jobs_at_different_points_loses_nothing(tiny_model):
@@ -132,10 +139,50 @@ def test_oom_in_the_head_with_jobs_at_different_points_loses_nothing(tiny_model)
     clean = generate_batch(tiny_model, [p for p, _ in requests], [s for _, s in requests])
     # oom@4-5: the step of four jobs, then its first half (two jobs) run out; the single jobs run.
     for fault in ("oom@4:head", "oom@4", "oom@4-5:head"):
-        finals = run_engine(tiny_model, fault, requests)
+        finals, _ = run_engine(tiny_model, requests, inject_faults=fault)
         assert all(isinstance(event, GenerationDone) for event in finals), (fault, finals)
         assert [event.token_ids for event in finals] == clean, fault
         assert finals[0].steps == 4
+
+
+CACHED = [
+    (PROMPT, SamplingParams(gen_length=16, block_length=8, steps=8, cache="dual")),
+    (PROMPT[:4], SamplingParams(gen_length=24, block_length=8, steps=12, cache="prefix", threshold=0.2)),
+    (PROMPT[:6], SamplingParams(gen_length=16, block_length=4, steps=8, cache="dual", cfg_scale=1.0)),
+    (PROMPT, SamplingParams(gen_length=8, block_length=8, steps=8)),  # exact
+]
+
+
+# Cached jobs at block starts and mid-block share the faulty steps with an exact one. A forward's
+# error fails its own jobs; out-of-memory fails the jobs that still run out alone.
+@pytest.mark.parametrize("fault", ["error@3", "oom@3-8", "oom@3-8:head"])
+def test_a_fault_with_cached_jobs_in_flight_frees_their_cache(tiny_model, fault):
+    finals, engine = run_engine(tiny_model, CACHED, inject_faults=fault)
+    clean = generate_batch(tiny_model, [p for p, _ in CACHED], [s for _, s in CACHED])
+    failed = [i for i, event in enumerate(finals) if isinstance(event, JobFailed)]
+    assert any(CACHED[i][1].cache != "none" for i in failed) and len(failed) < len(CACHED), finals
+    for event, tokens in zip(finals, clean):
+        if isinstance(event, JobFailed):
+            assert event.code == "engine_error", event
+        else:
+            assert event.token_ids == tokens
+    # the failed jobs' pages went back with them, the others' when they finished
+    assert engine.metrics.registry.get_sample_value("llada_kv_cache_bytes") == 0
+
+
+def test_a_job_that_cannot_start_fails_alone(tiny_model):
+    # A cache budget beyond the address space (as one above a GPU's free memory): the KV pool,
+    # made for the first cached job, cannot be allocated. Only that job fails; the loop goes on.
+    requests = [
+        (PROMPT, SamplingParams(gen_length=8, steps=4)),
+        (PROMPT, SamplingParams(gen_length=8, steps=4, cache="dual")),
+        (PROMPT[:5], SamplingParams(gen_length=8, steps=8, cfg_scale=1.0)),
+    ]
+    finals, _ = run_engine(tiny_model, requests, max_cache_bytes=2**52)
+    assert isinstance(finals[1], JobFailed) and finals[1].code == "engine_error", finals[1]
+    assert "could not start" in finals[1].message
+    clean = generate_batch(tiny_model, [PROMPT, PROMPT[:5]], [requests[0][1], requests[2][1]])
+    assert [finals[0].token_ids, finals[2].token_ids] == clean
 
 
 def test_fault_specs_name_forwards_ranges_and_the_head():
@@ -145,7 +192,7 @@ def test_fault_specs_name_forwards_ranges_and_the_head():
         faults.step_started()
         try:
             faults.before_forward()
-            faults.before_head()
+            faults.before_head(last=True)
             outcomes.append("ok")
         except BaseException as exc:  # noqa: BLE001 - die is a BaseException on purpose
             outcomes.append(f"{type(exc).__name__}: {exc}")
@@ -158,6 +205,12 @@ def test_fault_specs_name_forwards_ranges_and_the_head():
         "ok",
         "InjectedDeath: injected engine death at forward 7",
     ]
+    faults = FaultInjector("oom@1:head")
+    faults.step_started()
+    faults.before_forward()
+    faults.before_head(last=False)  # the step's earlier head calls run: their tokens get chosen
+    with pytest.raises(torch.OutOfMemoryError, match="LM head after forward 1"):
+        faults.before_head(last=True)
     for bad in ("boom@1", "oom@0", "oom@5-3", "oom", "oom@2:tail"):
         with pytest.raises(ValueError, match="KIND@N or KIND@N-M"):
             FaultInjector(bad)
