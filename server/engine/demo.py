@@ -1,9 +1,13 @@
-"""The built-in demo model: a tiny LLaDA built from a fixed seed, and a LLaDA-format writer.
+"""The built-in demo model: a tiny LLaDA trained on Python's documentation (weights shipped
+beside this file), the random-weight builder for tests, and a LLaDA-format writer.
 
 Its tokenizer is byte-level (one token per byte, ids 0-255) and carries LLaDA's special tokens
 at LLaDA's ids with LLaDA's chat template, so prompts, chat, stop tokens and the mask behave as
-with the real checkpoint. `save_checkpoint` writes any LoadedModel as a folder the real loader
-reads; tests and users make checkpoints of any size with it.
+with the real checkpoint. The tokenizer produces 262 of LLaDA's 126464 ids, so the shipped file
+holds one embedding and one LM-head row for each of those and a single row that every other id
+shares (training keeps such rows identical: `training/`); loading expands them into a full
+LLaDA model. `save_checkpoint` writes any LoadedModel as a folder the real loader reads; tests
+and users make checkpoints of any size with it.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import save_file
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 
@@ -23,6 +28,9 @@ from server.engine.model_config import ModelConfig
 from server.engine.text_codec import TextCodec
 
 DEMO_NAME = "llada-demo"
+DEMO_WEIGHTS = Path(__file__).with_name("demo_weights.safetensors")
+# The vocabulary-sized tensors, stored by row for the ids the tokenizer produces.
+VOCAB_TENSORS = ("model.transformer.wte.weight", "model.transformer.ff_out.weight")
 
 # LLaDA's special tokens at LLaDA's ids.
 SPECIAL_TOKENS = {
@@ -115,12 +123,39 @@ def init_weights(model: LLaDAModel, seed: int) -> None:
     head.mul_(2.0).masked_fill_(~emitted[:, None], 0.0)
 
 
+def tokenizer_ids() -> list[int]:
+    """The ids the byte-level tokenizer can produce, in the order of the shipped rows."""
+    return [*range(256), *sorted(SPECIAL_TOKENS.values())]
+
+
+def expand_vocab(rows: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """[len(tokenizer_ids()) + 1, d] rows -> [vocab_size, d]: the last row is every other id's."""
+    full = rows[-1].expand(vocab_size, -1).clone()
+    full[tokenizer_ids()] = rows[:-1]
+    return full
+
+
+def demo_codec() -> TextCodec:
+    """The demo tokenizer, loaded the way a checkpoint folder's tokenizer is."""
+    with tempfile.TemporaryDirectory() as tmp:
+        write_tokenizer(Path(tmp))
+        return TextCodec.from_folder(Path(tmp))
+
+
+def _demo_loaded(model: LLaDAModel, config: ModelConfig) -> LoadedModel:
+    codec = demo_codec()
+    return LoadedModel(
+        name=DEMO_NAME, model=model, codec=codec, config=config, special=resolve_special_ids(config, codec)
+    )
+
+
 def build_demo(
     config: ModelConfig | None = None,
     seed: int = 0,
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
 ) -> LoadedModel:
+    """The demo architecture with random weights from `seed` (tests, benchmarks, any size)."""
     config = config or demo_config()
     config.validate()
     with torch.device("meta"):
@@ -128,12 +163,33 @@ def build_demo(
     model.to_empty(device="cpu")
     init_weights(model, seed)
     model.to(device=device, dtype=dtype).eval().requires_grad_(False)
-    with tempfile.TemporaryDirectory() as tmp:
-        write_tokenizer(Path(tmp))
-        codec = TextCodec.from_folder(Path(tmp))
-    return LoadedModel(
-        name=DEMO_NAME, model=model, codec=codec, config=config, special=resolve_special_ids(config, codec)
-    )
+    return _demo_loaded(model, config)
+
+
+def save_demo_weights(state: dict[str, torch.Tensor], config: ModelConfig, path: Path = DEMO_WEIGHTS) -> None:
+    """Write a demo model whose vocabulary tensors hold one row per tokenizer id plus the shared row."""
+    rows = len(tokenizer_ids()) + 1
+    for name in VOCAB_TENSORS:
+        if state[name].shape[0] != rows:
+            raise ValueError(f"{name} has {state[name].shape[0]} rows; the demo format stores {rows}")
+    tensors = {name: t.detach().to("cpu").contiguous() for name, t in state.items()}
+    save_file(tensors, str(path), metadata={"config": json.dumps(dataclasses.asdict(config))})
+
+
+def load_demo(
+    dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", path: Path = DEMO_WEIGHTS
+) -> LoadedModel:
+    """The trained demo model, as a full LLaDA model of LLaDA's vocabulary."""
+    with safe_open(str(path), framework="pt", device="cpu") as weights:
+        config = ModelConfig(**json.loads(weights.metadata()["config"]))
+        state = {name: weights.get_tensor(name) for name in weights.keys()}
+    for name in VOCAB_TENSORS:
+        state[name] = expand_vocab(state[name], config.vocab_size)
+    with torch.device("meta"):
+        model = LLaDAModel(config)
+    model.load_state_dict({k: v.to(device=device, dtype=dtype) for k, v in state.items()}, assign=True)
+    model.eval().requires_grad_(False)
+    return _demo_loaded(model, config)
 
 
 def save_checkpoint(

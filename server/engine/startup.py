@@ -1,8 +1,8 @@
-"""The model a server starts with: the configured checkpoint folder, or the built-in demo."""
+"""The model a server starts with: the configured checkpoint folder, or the built-in trained demo."""
 
 from __future__ import annotations
 
-from server.engine.demo import build_demo
+from server.engine.demo import load_demo
 from server.engine.devices import resolve_device, resolve_dtype
 from server.engine.loader import LoadedModel, load_checkpoint
 
@@ -11,4 +11,4 @@ def load_model(model: str | None, device: str = "auto", dtype: str = "auto") -> 
     if model:
         return load_checkpoint(model, device, dtype)
     target = resolve_device(device)
-    return build_demo(dtype=resolve_dtype(dtype, target), device=target)
+    return load_demo(dtype=resolve_dtype(dtype, target), device=target)

@@ -346,8 +346,9 @@ def test_dockerfile_builds_and_installs_the_wheel(dockerfile):
     assert any(i == "RUN" and "pip install" in a and ".whl" in a for i, a in runtime)
 
 
-def test_the_wheel_the_image_installs_carries_the_page(tmp_path):
-    """The Dockerfile's own build command: a non-editable install serves GET / from these files."""
+def test_the_wheel_the_image_installs_carries_the_page_and_the_demo_model(tmp_path):
+    """The Dockerfile's own build command: a non-editable install serves GET / from these files and
+    the built-in demo model from its shipped weights."""
     build = subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--wheel-dir", str(tmp_path), str(ROOT)],
         capture_output=True,
@@ -358,6 +359,7 @@ def test_the_wheel_the_image_installs_carries_the_page(tmp_path):
     names = set(zipfile.ZipFile(wheel).namelist())
     for name, _ in PAGE_FILES.values():
         assert f"server/api/static/{name}" in names, name
+    assert "server/engine/demo_weights.safetensors" in names
 
 
 def test_dockerfile_copy_sources_exist(dockerfile):
@@ -374,7 +376,7 @@ def test_dockerfile_copy_sources_exist(dockerfile):
 
 def test_dockerfile_context_keeps_what_the_wheel_needs():
     assert PYPROJECT.exists()
-    needed = ["pyproject.toml", "server", "server/__init__.py"]
+    needed = ["pyproject.toml", "server", "server/__init__.py", "server/engine/demo_weights.safetensors"]
     project = tomllib.loads(PYPROJECT.read_text())["project"]
     readme = project.get("readme")
     if isinstance(readme, dict):

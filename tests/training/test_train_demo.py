@@ -1,0 +1,74 @@
+"""The demo model's training script: a few real steps on a small slice of the corpus, and the
+file it writes loading as a full LLaDA model that behaves as if every vocabulary row had been
+trained (the compact-vocabulary shortcut of training/train_demo.py changes nothing)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from server.engine.demo import load_demo, save_checkpoint, tokenizer_ids
+from server.engine.loader import load_checkpoint
+from training.corpus import HELD_OUT_EVERY, chat_pairs, load_corpus
+from training.train_demo import CompactVocab, main
+
+SMALL = ["--docs", "300", "--d-model", "32", "--layers", "2", "--heads", "2", "--mlp-hidden", "64"]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    out = tmp_path_factory.mktemp("train") / "demo.safetensors"
+    args = [*SMALL, "--steps", "60", "--sft-steps", "10", "--batch", "8", "--seq-len", "64", "--log-every", "10"]
+    summary = main([*args, "--out", str(out)])
+    return summary, out
+
+
+def test_the_loss_goes_down(trained):
+    summary, _ = trained
+    pretrain = summary["history"]["pretrain"]
+    assert len(pretrain) == 50 and len(summary["history"]["sft"]) == 10
+    first, last = sum(pretrain[:10]) / 10, sum(pretrain[-10:]) / 10
+    assert last < first - 1.0, (first, last)
+    assert summary["held_out_loss"] < first
+
+
+def test_the_written_model_is_a_full_llada_model_whose_untrained_rows_stay_equal(trained):
+    _, out = trained
+    loaded = load_demo(path=out)
+    wte, head = loaded.model.model.transformer.wte.weight, loaded.model.model.transformer.ff_out.weight
+    assert wte.shape == head.shape == (126464, 32)
+    others = torch.ones(126464, dtype=torch.bool)
+    others[tokenizer_ids()] = False
+    assert torch.equal(head[others], head[others][:1].expand(int(others.sum()), -1))
+    # The full model's softmax over LLaDA's 126464 ids is the compact model's, with the shared
+    # row counted once per id it stands for.
+    with safe_open(str(out), framework="pt") as weights:
+        rows = weights.get_tensor("model.transformer.ff_out.weight")
+    ids = torch.tensor([loaded.codec.encode_chat([{"role": "user", "content": "What does len do?"}]) + [126336] * 8])
+    with torch.inference_mode():
+        hidden = loaded.model(ids)
+        full = torch.log_softmax(loaded.model.logits(hidden), -1)
+        normed = loaded.model.model.transformer.ln_f(hidden)
+        compact = torch.log_softmax(normed @ rows.T + CompactVocab().logit_offset(), -1)
+    torch.testing.assert_close(full[..., tokenizer_ids()], compact[..., :-1], rtol=1e-4, atol=1e-4)
+
+
+def test_the_written_model_saves_and_loads_as_a_llada_folder(trained, tmp_path):
+    _, out = trained
+    loaded = load_demo(path=out)
+    reloaded = load_checkpoint(save_checkpoint(loaded, tmp_path / "demo"), device="cpu", dtype="float32")
+    ids = torch.tensor([loaded.codec.encode("import this") + [126336] * 4])
+    with torch.inference_mode():
+        assert torch.equal(loaded.model.full_logits(ids), reloaded.model.full_logits(ids))
+
+
+def test_the_corpus_is_pythons_own_documentation_split_into_train_and_held_out():
+    corpus = load_corpus()
+    names = {doc.name for doc in corpus.train}
+    assert "topic:assert" in names or "topic:assert" in {doc.name for doc in corpus.held_out}
+    assert "json.dumps" in names | {doc.name for doc in corpus.held_out}
+    assert len(corpus.held_out) == (len(corpus.train) + len(corpus.held_out)) // HELD_OUT_EVERY
+    pairs = chat_pairs(corpus.train)
+    assert len(pairs) > 1000
+    assert all(answer.isascii() and len(answer) <= 100 for _, answer in pairs)
