@@ -1,7 +1,7 @@
 """Train the built-in demo model: LLaDA's masked-diffusion objective at toy scale, on the
 documentation text of Python's standard library (training/corpus.py).
 
-    python -m training.train_demo            # about 25 minutes on 2 CPU cores; writes
+    python -m training.train_demo            # about 24 minutes on 2 CPU cores; writes
                                              # server/engine/demo_weights.safetensors
 
 Pre-training (LLaDA's objective): per sequence a masking ratio t ~ U(eps, 1), each token masked
@@ -11,10 +11,10 @@ sequence length. Then SFT: a question in LLaDA's chat template and its answer fo
 answer length (padding included, so the model learns to fill unused answer space with EOS).
 
 The model trains on a compact vocabulary: the 262 ids the byte-level tokenizer produces and one
-row standing for every other id of LLaDA's 126464. Rows that start equal and are never a target
-get equal gradients, so the full model's untrained rows stay equal to each other: training them as
-one row, with its logit counted once per id (+ log of their number in the softmax), is the same
-computation as training the full vocabulary, at 1/480 of the LM head's cost.
+row that stands for every other id of LLaDA's 126464 (never an input or a target, they only need
+to be unlikely). Counting that row's probability once per id it stands for (+ log of their number
+on its logit) makes the loss exactly that of the full vocabulary with those rows tied, at 1/480
+of the LM head's cost; loading expands the row back into equal rows (server/engine/demo.py).
 """
 
 from __future__ import annotations

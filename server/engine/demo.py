@@ -5,9 +5,9 @@ Its tokenizer is byte-level (one token per byte, ids 0-255) and carries LLaDA's 
 at LLaDA's ids with LLaDA's chat template, so prompts, chat, stop tokens and the mask behave as
 with the real checkpoint. The tokenizer produces 262 of LLaDA's 126464 ids, so the shipped file
 holds one embedding and one LM-head row for each of those and a single row that every other id
-shares (training keeps such rows identical: `training/`); loading expands them into a full
-LLaDA model. `save_checkpoint` writes any LoadedModel as a folder the real loader reads; tests
-and users make checkpoints of any size with it.
+shares (trained tied: training/train_demo.py); loading expands them into a full LLaDA model.
+`save_checkpoint` writes any LoadedModel as a folder the real loader reads; tests and users make
+checkpoints of any size with it.
 """
 
 from __future__ import annotations
