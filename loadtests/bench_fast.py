@@ -14,8 +14,10 @@ reveals one token per step), temperature 0.
 Per mode: tokens/s and nfe at batch 1; the answers' agreement with the exact answer (identical
 tokens); tokens/s of 8 concurrent HTTP clients (whose answers must equal the batch-1 ones); and
 tokens/s of the reference (tests/reference/fast_sampler.py, plain fp32, one sequence) on the
-first --reference-prompts prompts. Then, in a child process, the peak memory of 16 cached jobs
-at gen_length 1024 (dual cache, threshold), held for --memory-steps steps.
+first --reference-prompts prompts; dual + threshold, whose 8-client goal is a ratio over its
+reference, runs the reference on all the prompts the clients sent. Then, in a child process, the
+peak memory of 16 cached jobs at gen_length 1024 (dual cache, threshold), held for --memory-steps
+steps.
 """
 
 from __future__ import annotations
@@ -53,6 +55,7 @@ PASSAGE = (
     "steps, keeping at each step the predictions it trusts most. "
 )
 PROMPT_TOKENS = (64, 88, 112, 136, 160, 184, 208, 256)
+GOAL_MODE = "dual_threshold"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -60,7 +63,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_model_args(p)
     p.add_argument("--head-scale", type=float, default=1.75, help="multiply the LM head by this (see above)")
     p.add_argument("--prompts", type=int, default=8, help="how many of the 8 prompts to run")
-    p.add_argument("--reference-prompts", type=int, default=2)
+    p.add_argument(
+        "--reference-prompts",
+        type=int,
+        default=2,
+        help="prompts for the reference of every mode but dual_threshold, which runs all of them",
+    )
     p.add_argument("--gen-length", type=int, default=256)
     p.add_argument("--block-length", type=int, default=32)
     p.add_argument("--modes", default=",".join(MODES))
@@ -193,9 +201,12 @@ def _vm_kib(field: str) -> int:
 
 def goals(result: dict) -> list[dict]:
     modes = result["modes"]
+    goal = modes.get(GOAL_MODE)
+    if goal is None:
+        return []
     out = []
-    if "dual_threshold" in modes and "exact" in modes:
-        ratio = modes["dual_threshold"]["batch_1"]["tokens_per_s"] / modes["exact"]["batch_1"]["tokens_per_s"]
+    if "exact" in modes:
+        ratio = goal["batch_1"]["tokens_per_s"] / modes["exact"]["batch_1"]["tokens_per_s"]
         out.append(
             {
                 "goal": "dual + threshold at batch 1 >= 5x the exact engine at batch 1",
@@ -203,17 +214,17 @@ def goals(result: dict) -> list[dict]:
                 "met": ratio >= 5,
             }
         )
-        http = modes["dual_threshold"].get("http_concurrent")
-        ref = modes["dual_threshold"].get("reference")
-        if http and ref:
-            ratio = http["tokens_per_s"] / ref["tokens_per_s"]
-            out.append(
-                {
-                    "goal": "8 concurrent dual + threshold clients >= 3x that reference run sequentially",
-                    "measured": f"{ratio:.2f}x",
-                    "met": ratio >= 3,
-                }
-            )
+    http, ref = goal.get("http_concurrent"), goal.get("reference")
+    if http and ref:
+        ratio = http["tokens_per_s"] / ref["tokens_per_s"]
+        out.append(
+            {
+                "goal": "8 concurrent dual + threshold clients >= 3x that reference run sequentially "
+                f"(both on {ref['prompts']} prompts)",
+                "measured": f"{ratio:.2f}x",
+                "met": ratio >= 3,
+            }
+        )
     return out
 
 
@@ -278,10 +289,12 @@ def main(argv: list[str] | None = None) -> None:
             server.stop()
     with torch.inference_mode():
         for mode in modes:
-            print(f"  reference, {args.reference_prompts} prompts one at a time: {mode} ...", flush=True)
+            # the goal compares 8 clients with this reference, so they must have run the same prompts
+            n = len(prompts) if mode == GOAL_MODE else args.reference_prompts
+            print(f"  reference, {n} prompts one at a time: {mode} ...", flush=True)
             run = result["modes"][mode]
-            run["reference"] = reference_run(loaded, prompts[: args.reference_prompts], params_for(args, mode))
-            engine_answers = run["batch_1"]["answers"][: args.reference_prompts]
+            run["reference"] = reference_run(loaded, prompts[:n], params_for(args, mode))
+            engine_answers = run["batch_1"]["answers"][:n]
             run["reference"]["answers_equal_engine"] = run["reference"].pop("answers") == engine_answers
     for run in result["modes"].values():
         if exact is not None:
