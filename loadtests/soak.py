@@ -2,10 +2,11 @@
 
 Starts `python -m server` on a free port, then for --seconds keeps --concurrency clients busy
 (above --max-queue, so 429s happen) with a mix of JSON generations, streams read to the end,
-streams cancelled after their first step, scoring calls and bad requests. Reports requests sent,
-answers by kind and status, requests lost (no HTTP answer, or a stream that ended without
-`done`/`error`), 5xx, and the server's RSS over time, then checks that the queue and running
-gauges are back at zero.
+streams cancelled after their first step, OpenAI chat streams, scoring calls and bad requests;
+generations pick a fast-decoding mode (none, threshold, prefix or dual cache) at random. Reports
+requests sent, answers by kind and status, requests lost (no HTTP answer, or a stream that ended
+without `done`/`error`, or an OpenAI stream without `[DONE]` or an error), 5xx, and the server's
+RSS over time, then checks that the queue, running and KV-cache gauges are back at zero.
 
     python -m loadtests.soak --seconds 120 --concurrency 12 --max-queue 4 --json soak.json
 """
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import random
 import statistics
 import sys
@@ -26,6 +28,7 @@ import httpx
 from httpx_sse import aconnect_sse
 
 from loadtests.common import finish, machine_info
+from server.engine.demo import DEMO_NAME
 from server.engine.devices import resolve_device
 from tests.support import ServerProcess, scrape, wait_for
 
@@ -39,7 +42,15 @@ BAD_BODIES = [
     {"prompt": "x", "remasking": "sideways"},
     {"prompt": "x", "gen_length": 8, "constraints": [{"position": 9, "token_id": 5}]},
 ]
-KINDS = ("generate", "stream", "cancel", "score", "bad")
+KINDS = ("generate", "stream", "cancel", "openai", "score", "bad")
+WEIGHTS = (3, 2, 1, 1, 2, 1)
+FAST_MODES = (
+    {},
+    {"threshold": 0.9, "early_stop": True},
+    {"cache": "prefix"},
+    {"cache": "dual", "threshold": 0.9},
+)
+GAUGES = ("llada_queue_depth", "llada_running_jobs", "llada_kv_cache_bytes")
 
 
 def rss_mb(pid: int) -> float:
@@ -59,6 +70,7 @@ def generation_body(rng: random.Random) -> dict:
         "temperature": rng.choice([0.0, 0.7]),
         "seed": rng.randint(0, 1000),
         "cfg_scale": rng.choice([0.0, 0.5]),
+        **rng.choice(FAST_MODES),
     }
 
 
@@ -73,6 +85,8 @@ async def one_request(client: httpx.AsyncClient, kind: str, rng: random.Random, 
     try:
         if kind == "score":
             response = await client.post("/v1/loglikelihood", json=score_body(rng))
+        elif kind == "openai":
+            return await one_openai_stream(client, rng, tally)
         elif kind in ("generate", "bad"):
             body = rng.choice(BAD_BODIES) if kind == "bad" else generation_body(rng)
             response = await client.post("/v1/generate", json=body)
@@ -106,6 +120,27 @@ async def one_stream(client: httpx.AsyncClient, kind: str, rng: random.Random, t
     return 0.0
 
 
+async def one_openai_stream(client: httpx.AsyncClient, rng: random.Random, tally: Counter) -> float:
+    body = generation_body(rng)
+    messages = [{"role": "user", "content": body.pop("prompt")}]
+    body.update(model=DEMO_NAME, messages=messages, max_tokens=body.pop("gen_length"), stream=True, stop=[". "])
+    async with client.stream("POST", "/v1/chat/completions", json=body) as response:
+        tally[f"status:{response.status_code}"] += 1
+        tally[f"openai:{response.status_code}"] += 1
+        if response.status_code != 200:
+            await response.aread()
+            return backoff(response, rng)
+        last = None
+        async for line in response.aiter_lines():
+            if line.startswith("data: "):
+                last = line.removeprefix("data: ")
+        if last is None or (last != "[DONE]" and "error" not in json.loads(last)):
+            tally["lost"] += 1
+        elif last != "[DONE]":
+            tally["openai_error_chunks"] += 1
+    return 0.0
+
+
 def backoff(response: httpx.Response, rng: random.Random) -> float:
     if response.status_code != 429:
         return 0.0
@@ -116,7 +151,7 @@ async def client_loop(url: str, deadline: float, seed: int, tally: Counter) -> N
     rng = random.Random(seed)
     async with httpx.AsyncClient(base_url=url, timeout=120) as client:
         while time.monotonic() < deadline:
-            wait = await one_request(client, rng.choices(KINDS, weights=(3, 2, 1, 2, 1))[0], rng, tally)
+            wait = await one_request(client, rng.choices(KINDS, weights=WEIGHTS)[0], rng, tally)
             await asyncio.sleep(min(wait, max(0.0, deadline - time.monotonic())))
 
 
@@ -129,7 +164,7 @@ async def sample_memory(pid: int, deadline: float, samples: list[dict], every: f
 
 def gauges(url: str) -> dict[str, float]:
     metrics = scrape(url)
-    return {name: metrics.value(name) for name in ("llada_queue_depth", "llada_running_jobs")}
+    return {name: metrics.value(name) for name in GAUGES}
 
 
 async def load(args: argparse.Namespace, url: str, pid: int) -> tuple[Counter, list[dict]]:
@@ -146,7 +181,7 @@ async def load(args: argparse.Namespace, url: str, pid: int) -> tuple[Counter, l
 
 def report(args: argparse.Namespace, url: str, tally: Counter, samples: list[dict]) -> dict:
     try:
-        wait_for(lambda: not any(gauges(url).values()), timeout=30, what="the queue and running gauges to be 0")
+        wait_for(lambda: not any(gauges(url).values()), timeout=30, what="the gauges to be 0")
     except AssertionError:
         pass  # gauges_after below shows which one is left, and the exit status fails
     third = max(1, len(samples) // 3)
