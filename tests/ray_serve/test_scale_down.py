@@ -20,7 +20,7 @@ from ray import serve
 
 from server.config import ServerConfig
 from server.ray_serve.cli import LOCAL_RAY
-from server.ray_serve.deployment import APP_NAME, DEPLOYMENT_NAME, LladaReplica, deployment_options
+from server.ray_serve.deployment import APP_NAME, DEPLOYMENT_NAME, llada_app
 from server.ray_serve.plan import ReplicaPlan
 from server.ray_serve.proxy_errors import CALLBACK, CALLBACK_ENV
 from tests.e2e import HTTP_TIMEOUT, astream_events, check_answer
@@ -32,8 +32,8 @@ LONG = {"gen_length": 512, "steps": 512, "block_length": 32}
 
 
 def deploy(config: ServerConfig, replicas: int, metrics_port: int) -> None:
-    options = deployment_options(config, ReplicaPlan(replicas=replicas, metrics_port=metrics_port), gpus=False)
-    serve.run(LladaReplica.options(**options).bind(config, metrics_port), name=APP_NAME, route_prefix="/")
+    app = llada_app(config, ReplicaPlan(replicas=replicas, metrics_port=metrics_port), gpus=False)
+    serve.run(app, name=APP_NAME, route_prefix="/")
 
 
 def replica_states() -> dict[str, int]:
