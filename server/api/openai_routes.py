@@ -32,7 +32,7 @@ from server.api.openai_schemas import (
     OpenAIRequest,
     OpenAIResponse,
 )
-from server.api.routes import ENGINE, error_responses, log_fields, results_or_disconnect, state_of
+from server.api.routes import ENGINE, error_responses, log_fields, results_or_disconnect, sse_content, state_of
 from server.api.state import ServerState
 from server.engine.events import GenerationDone, GenerationStep
 
@@ -46,7 +46,7 @@ def _streamed(model: type) -> dict:
         **RESPONSES,
         200: {
             "model": model,
-            "content": {"text/event-stream": {"schema": {"type": "string"}}},
+            "content": sse_content(),
             "description": "JSON, or with stream=true `data:` chunks of newly committed text, then `data: [DONE]`",
         },
     }

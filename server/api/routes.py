@@ -62,6 +62,16 @@ COMMON = error_responses(401, 503)
 BODY = error_responses(400, 401, 413, 415, 422, 503)
 ENGINE = error_responses(400, 401, 413, 415, 422, 429, 500, 503, 504)
 
+
+def sse_content(*events: str) -> dict:
+    """The text/event-stream content of a response: each event's fields, its data a JSON text;
+    `events` are the event names it sends (none: unnamed events, "message" to a client)."""
+    name = {"type": "string", "enum": list(events)} if events else {"type": "string", "const": "message"}
+    data = {"type": "string", "contentMediaType": "application/json"}
+    event = {"type": "object", "required": ["data"], "properties": {"event": name, "data": data}}
+    return {"text/event-stream": {"schema": event}}
+
+
 router = APIRouter()
 
 
@@ -163,7 +173,7 @@ async def detokenize(body: DetokenizeRequest, request: Request) -> DetokenizeRes
     responses={
         **ENGINE,
         200: {
-            "content": {"text/event-stream": {"schema": {"type": "string"}}},
+            "content": sse_content("step", "done", "error"),
             "description": "JSON, or with stream=true an SSE stream of step events then done (or error)",
         },
     },
