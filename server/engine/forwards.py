@@ -207,10 +207,9 @@ def _forward(model, rows, pad_id, hooks, fail, pool) -> _States | None:
                 cache = None
                 if any(row.write is not None or row.read is not None or row.start for row in inputs):
                     cache, mask = _cache_view(pool, inputs, ids.shape[1], device, mask)
-                hidden = model(ids, mask, cache)
                 width = ids.shape[1]
                 where = [k * width + p for k, i in enumerate(group) for p in rows[i][0].positions]
-                parts.append(hidden.view(-1, hidden.shape[-1]).index_select(0, index(where, device)))
+                parts.append(model(ids, mask, cache, keep=index(where, device)))
         except torch.OutOfMemoryError:
             raise
         except Exception as exc:

@@ -25,6 +25,22 @@ if TYPE_CHECKING:
     from server.engine.kv_cache import KVBatch
 
 
+# oneDNN's fp32 and bf16 kernels: on CPUs where MKL's sgemm runs its AVX2 code (AMD's) they are
+# about twice as fast; torch.compile's CPU backend calls the same op.
+_ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+class Linear(nn.Linear):
+    """nn.Linear (same parameters and names) whose inference on CPU runs through oneDNN.
+    Whatever autograd records keeps F.linear: the oneDNN op has no backward."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        recorded = torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)
+        if _ONEDNN and x.device.type == "cpu" and x.dtype != torch.float16 and not recorded:
+            return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
+        return super().forward(x)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -59,13 +75,13 @@ class LLaDABlock(nn.Module):
         self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.n_kv_heads, config.head_dim
         self.attn_norm = RMSNorm(d, config.rms_norm_eps)
         self.ff_norm = RMSNorm(d, config.rms_norm_eps)
-        self.q_proj = nn.Linear(d, d, bias=False)
-        self.k_proj = nn.Linear(d, kv, bias=False)
-        self.v_proj = nn.Linear(d, kv, bias=False)
-        self.attn_out = nn.Linear(d, d, bias=False)
-        self.ff_proj = nn.Linear(d, config.mlp_hidden_size, bias=False)
-        self.up_proj = nn.Linear(d, config.mlp_hidden_size, bias=False)
-        self.ff_out = nn.Linear(config.mlp_hidden_size, d, bias=False)
+        self.q_proj = Linear(d, d, bias=False)
+        self.k_proj = Linear(d, kv, bias=False)
+        self.v_proj = Linear(d, kv, bias=False)
+        self.attn_out = Linear(d, d, bias=False)
+        self.ff_proj = Linear(d, config.mlp_hidden_size, bias=False)
+        self.up_proj = Linear(d, config.mlp_hidden_size, bias=False)
+        self.ff_out = Linear(config.mlp_hidden_size, d, bias=False)
 
     def forward(
         self,
@@ -75,7 +91,10 @@ class LLaDABlock(nn.Module):
         mask: torch.Tensor | None,
         cache: KVBatch | None = None,
         layer: int = 0,
+        keep: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """keep: flat indices into [batch * length]; the output is then [len(keep), d_model], those
+        positions only (see LLaDAModel.forward)."""
         batch, length, _ = x.shape
         h = self.attn_norm(x)
         q = self.q_proj(h).view(batch, length, self.n_heads, self.head_dim).transpose(1, 2)
@@ -87,7 +106,10 @@ class LLaDABlock(nn.Module):
         attn = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=False, enable_gqa=self.n_kv_heads != self.n_heads
         )
-        x = x + self.attn_out(attn.transpose(1, 2).reshape(batch, length, -1))
+        attn = attn.transpose(1, 2).reshape(batch, length, -1)
+        if keep is not None:
+            x, attn = x.reshape(batch * length, -1)[keep], attn.reshape(batch * length, -1)[keep]
+        x = x + self.attn_out(attn)
         h = self.ff_norm(x)
         return x + self.ff_out(F.silu(self.ff_proj(h)) * self.up_proj(h))
 
@@ -98,7 +120,7 @@ class LLaDATransformer(nn.Module):
         self.wte = nn.Embedding(config.vocab_size, config.d_model)
         self.blocks = nn.ModuleList(LLaDABlock(config) for _ in range(config.n_layers))
         self.ln_f = RMSNorm(config.d_model, config.rms_norm_eps)
-        self.ff_out = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        self.ff_out = Linear(config.d_model, config.vocab_size, bias=False)
 
 
 class _Backbone(nn.Module):
@@ -131,9 +153,16 @@ class LLaDAModel(nn.Module):
         return self._rotary
 
     def forward(
-        self, input_ids: torch.Tensor, key_mask: torch.Tensor | None = None, cache: KVBatch | None = None
+        self,
+        input_ids: torch.Tensor,
+        key_mask: torch.Tensor | None = None,
+        cache: KVBatch | None = None,
+        keep: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Hidden states [batch, length, d_model] before the final norm.
+        """Hidden states [batch, length, d_model] before the final norm; with `keep` (flat indices
+        into [batch * length]) those positions' only, [len(keep), d_model]: the last layer still
+        computes every position's keys and values (attention, the cache) but its output
+        projection and MLP only the kept positions', the ones the LM head will read.
 
         key_mask: None when every key is real, else a bool mask broadcastable to
         [batch, heads, queries, keys], True on real keys (the caller knows the lengths; nothing is
@@ -147,8 +176,9 @@ class LLaDAModel(nn.Module):
             cos, sin = cos[: input_ids.shape[1]], sin[: input_ids.shape[1]]
         else:
             cos, sin = cos[cache.positions][:, None], sin[cache.positions][:, None]
+        last = len(t.blocks) - 1
         for layer, block in enumerate(t.blocks):
-            x = block(x, cos, sin, key_mask, cache, layer)
+            x = block(x, cos, sin, key_mask, cache, layer, keep if layer == last else None)
         return x
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

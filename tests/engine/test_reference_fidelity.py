@@ -147,6 +147,44 @@ def test_full_logits_padded_batch_rows_match_reference(demo, side):
     torch.testing.assert_close(got[1], demo.logits(torch.tensor([b]))[0], atol=1e-4, rtol=1e-4)
 
 
+def test_kept_positions_equal_the_full_forwards_rows(demo):
+    """`keep` runs the last layer's output projection and MLP on the kept positions only: their
+    hidden states equal the full forward's, padded rows included."""
+    model = demo.loaded.model
+    a, b = PROMPT_C + [demo.mask] * 4, PROMPT_D + [demo.mask] * 6
+    x = torch.tensor([a + [demo.eos] * (len(b) - len(a)), b])
+    key_mask = torch.tensor([[True] * len(a) + [False] * (len(b) - len(a)), [True] * len(b)])[:, None, None, :]
+    keep = torch.tensor([0, 5, len(a) - 1, len(b) + 2, 2 * len(b) - 1])
+    with torch.inference_mode():
+        full = model(x, key_mask).reshape(-1, model.config.d_model)
+        kept = model(x, key_mask, keep=keep)
+    torch.testing.assert_close(kept, full[keep], atol=1e-5, rtol=1e-5)
+
+
+def test_cpu_inference_runs_onednn_linears(demo):
+    """On CPU every projection and the LM head run oneDNN's kernel outside autograd (about twice
+    MKL's speed where MKL takes its AVX2 path), and the logits still match the reference (above);
+    with gradients recorded the model keeps F.linear, which has a backward (demo training)."""
+    model, x = demo.loaded.model, torch.tensor([PROMPT_A + [demo.mask] * 5])
+    linears = 7 * model.config.n_layers + 1
+
+    def onednn_calls(run) -> int:
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            run()
+        return sum(e.count for e in prof.key_averages() if e.key == "mkldnn::_linear_pointwise")
+
+    with torch.inference_mode():
+        assert onednn_calls(lambda: model.full_logits(x)) == linears
+    weight = model.model.transformer.ff_out.weight
+    try:
+        weight.requires_grad_(True)
+        assert onednn_calls(lambda: model.full_logits(x).sum().backward()) == linears - 1
+        assert weight.grad is not None and weight.grad.abs().sum() > 0
+    finally:
+        weight.requires_grad_(False)
+        weight.grad = None
+
+
 # ---------------------------------------------------------------------------------------------
 # The reference sampler itself, against a transcription of the authors' `generate`
 # ---------------------------------------------------------------------------------------------
