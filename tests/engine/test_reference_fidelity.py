@@ -161,6 +161,19 @@ def test_kept_positions_equal_the_full_forwards_rows(demo):
     torch.testing.assert_close(kept, full[keep], atol=1e-5, rtol=1e-5)
 
 
+def test_a_linears_rows_do_not_depend_on_the_row_count(demo):
+    """What a job computes alone it computes in any batch: each row of a projection and of the
+    LM head is bitwise the same for any number of rows, one included."""
+    torch.manual_seed(0)
+    for linear in (demo.loaded.model.model.transformer.blocks[0].ff_proj, demo.loaded.model.model.transformer.ff_out):
+        x = torch.randn(70, linear.in_features)
+        with torch.inference_mode():
+            every = linear(x)
+            for rows in (1, 2, 3, 7, 33):
+                assert torch.equal(linear(x[:rows]), every[:rows]), rows
+            assert torch.equal(linear(x[None, :1]), every[None, :1])
+
+
 def test_cpu_inference_runs_onednn_linears(demo):
     """On CPU every projection and the LM head run oneDNN's kernel outside autograd (about twice
     MKL's speed where MKL takes its AVX2 path), and the logits still match the reference (above);
