@@ -32,7 +32,6 @@ from loadtests.common import add_model_args, bench_config, describe_model, finis
 from server.engine.demo import build_demo
 from server.engine.denoiser import generate_batch
 from server.engine.devices import resolve_device, resolve_dtype
-from server.engine.forwards import padding_waste
 from server.engine.loader import LoadedModel
 from server.engine.sampling_params import SamplingParams
 from tests.reference.sampler import reference_generate_for
@@ -190,7 +189,6 @@ def throughput(args: argparse.Namespace, loaded: LoadedModel) -> dict:
             run["rest_s"] = round(statistics.mean(walls[name]) - body - head, 3)
         run["wall_s_each_repetition"] = [round(w, 3) for w in walls[name]]
         runs[name] = run
-    lengths = [len(p) + args.gen_length for p in prompts]
     return {
         "settings": {
             "requests": args.requests,
@@ -201,8 +199,6 @@ def throughput(args: argparse.Namespace, loaded: LoadedModel) -> dict:
             "repeats": args.repeats,
         },
         "prompt_lengths": [len(p) for p in prompts],
-        # what a single padded forward of the batch would waste: why the engine groups by length
-        "padding_share_if_one_forward": round(padding_waste(sum(lengths), len(lengths), max(lengths)), 3),
         "runs": runs,
     }
 

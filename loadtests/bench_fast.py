@@ -37,7 +37,7 @@ import torch
 
 from loadtests.common import add_model_args, bench_config, finish, machine_info
 from server.engine.demo import build_demo, save_checkpoint
-from server.engine.denoiser import Denoiser, cache_pages_for, run_jobs
+from server.engine.denoiser import run_jobs, standalone
 from server.engine.sampling_params import SamplingParams
 from tests.reference.fast_sampler import reference_fast_generate_for
 from tests.support import REPO_ROOT, ServerProcess
@@ -174,20 +174,18 @@ def measure_memory(args: argparse.Namespace) -> dict:
         cache="dual",
         threshold=0.9,
     )
-    pages = sum(cache_pages_for(len(p), params) for p in prompts)
-    denoiser = Denoiser(loaded, cache_pages=pages)
     with torch.inference_mode():
         loaded.model.full_logits(torch.tensor([prompts[0][:4]]))
     Path("/proc/self/clear_refs").write_text("5")
     before = _vm_kib("VmHWM")
-    jobs = [denoiser.new_job(p, params, report_steps=False) for p in prompts]
+    denoiser, jobs = standalone(loaded, prompts, [params] * len(prompts))
     for _ in range(args.memory_steps):
         denoiser.step([job for job in jobs if not job.finished])
     return {
         "jobs": len(jobs),
         "gen_length": args.memory_gen_length,
         "sequence_lengths": [len(job.canvas) for job in jobs],
-        "kv_cache_mib": round(denoiser.pool.bytes_in_use / 2**20, 1),
+        "kv_cache_mib": round(denoiser.pool.bytes / 2**20, 1),
         "peak_rss_delta_mib": round((_vm_kib("VmHWM") - before) / 1024, 1),
         "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "method": "VmHWM after the steps - RSS after the model is built (high-water mark reset there)",

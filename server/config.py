@@ -20,6 +20,11 @@ class ServerConfig:
     model: str | None = setting(None, "LLaDA-format model folder; the built-in demo model when unset")
     device: str = setting("auto", "auto, cpu, cuda or cuda:N")
     dtype: str = setting("auto", "auto (bf16 on CUDA, fp32 on CPU), bfloat16, float16, float32")
+    batch_invariant: bool = setting(
+        True,
+        "on CUDA, each answer independent of what shares its batch (cuBLAS without split-K); "
+        "--no-batch-invariant for the fastest kernels. CPU is batch-invariant either way",
+    )
     host: str = setting("127.0.0.1", "address to listen on")
     port: int = setting(8000, "port to listen on")
     max_batch_rows: int = setting(16, "rows that step together (a CFG request counts two)")
@@ -121,7 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
         flag = "--" + f.name.replace("_", "-")
         help_text = f"{f.metadata['help']} [{env_name(f.name)}]"
         if f.type == "bool":
-            parser.add_argument(flag, action="store_true", default=None, help=help_text)
+            action = argparse.BooleanOptionalAction if f.default else "store_true"
+            parser.add_argument(flag, action=action, default=None, help=help_text)
         elif f.type == "tuple[str, ...]":
             parser.add_argument(flag, action="append", default=None, help=help_text)
         else:

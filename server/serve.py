@@ -50,7 +50,7 @@ class DrainingServer(uvicorn.Server):
 def serve(config: ServerConfig) -> int:
     """Exit status: 0 after a clean shutdown, 1 when the model or the port fails, 2 on a bad setting."""
     try:
-        loaded = load_model(config.model, config.device, config.dtype)
+        loaded = load_model(config.model, config.device, config.dtype, config.batch_invariant)
     except (CheckpointError, DeviceError, ValueError) as exc:
         log.error("cannot load the model: %s", exc)
         return 1
@@ -61,6 +61,9 @@ def serve(config: ServerConfig) -> int:
     except ValueError as exc:  # e.g. a malformed --inject-faults
         log.error("bad setting: %s", exc)
         return 2
+    except DeviceError as exc:  # the KV-cache pool does not fit
+        log.error("cannot start: %s", exc)
+        return 1
     server = DrainingServer(
         uvicorn.Config(app, host=config.host, port=config.port, log_config=None, lifespan="on"),
         app.state.server,

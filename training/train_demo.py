@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from server.engine.demo import DEMO_WEIGHTS, SPECIAL_TOKENS, demo_codec, demo_config, save_demo_weights, tokenizer_ids
-from server.engine.model import LLaDAModel
+from server.engine.models.llada import LLaDAModel
 from training.corpus import Corpus, chat_pairs, load_corpus
 
 EPS = 1e-3  # smallest masking ratio, as in LLaDA's training code
@@ -73,7 +73,7 @@ def diffusion_loss(
     t = EPS + (1 - EPS) * torch.rand(batch, 1, generator=generator)
     masked = (torch.rand(batch, length, generator=generator) < t) & maskable
     noisy = torch.where(masked, mask_row, ids)
-    hidden = model(noisy, None if key_mask is None else key_mask[:, None, None, :])
+    hidden = model.padded_hidden(noisy, key_mask)
     logits = model.logits(hidden[masked]) + offset
     per_token = F.cross_entropy(logits, ids[masked], reduction="none")
     weight = (1.0 / (t * maskable.sum(1, keepdim=True))).expand(batch, length)[masked]

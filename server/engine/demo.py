@@ -22,9 +22,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 
-from server.engine.loader import INDEX_FILE, SINGLE_FILE, LoadedModel, resolve_special_ids
-from server.engine.model import LLaDAModel
+from server.engine.loader import INDEX_FILE, SINGLE_FILE, LoadedModel, ready, resolve_special_ids
 from server.engine.model_config import ModelConfig
+from server.engine.models.llada import LLaDAModel
 from server.engine.text_codec import TextCodec
 
 DEMO_NAME = "llada-demo"
@@ -162,8 +162,8 @@ def build_demo(
         model = LLaDAModel(config)
     model.to_empty(device="cpu")
     init_weights(model, seed)
-    model.to(device=device, dtype=dtype).eval().requires_grad_(False)
-    return _demo_loaded(model, config)
+    model.to(device=device, dtype=dtype)
+    return _demo_loaded(ready(model), config)
 
 
 def save_demo_weights(state: dict[str, torch.Tensor], config: ModelConfig, path: Path = DEMO_WEIGHTS) -> None:
@@ -188,8 +188,7 @@ def load_demo(
     with torch.device("meta"):
         model = LLaDAModel(config)
     model.load_state_dict({k: v.to(device=device, dtype=dtype) for k, v in state.items()}, assign=True)
-    model.eval().requires_grad_(False)
-    return _demo_loaded(model, config)
+    return _demo_loaded(ready(model), config)
 
 
 def save_checkpoint(

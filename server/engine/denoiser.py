@@ -3,18 +3,19 @@
 Jobs carry their own settings, canvas, block position and random generator, so the set of jobs
 can change between any two steps (iteration-level batching) and a seeded job draws the same
 numbers whatever shares its forward. A job's canvas and its masked positions live on the host:
-the step sends the rows to the device, runs the forwards (forwards.run_step), one LM-head call
-on every job's candidates, one batched token choice (choice.choose), and reads back once.
+the step packs every job's rows into one forward (runner.run_step), one LM-head call on every
+job's candidates, one batched token choice (sampler.choose), and reads back once.
 
 Fast decoding (LLADA.md): a job with a cache keeps its keys and values in the pool (kv_cache.py)
-and runs a full forward at each block's first step, then only the block onwards (prefix) or the
-block (dual); a threshold or factor decides how many tokens a step reveals; early stop ends the
-answer after a finished block that holds EOS or EOT. Jobs of every mode and phase share a step.
+at the slots the scheduler reserved for it, runs a full forward at each block's first step, then
+only the block onwards (prefix) or the block (dual), reading its cache in place; a threshold or
+factor decides how many tokens a step reveals; early stop ends the answer after a finished block
+that holds EOS or EOT. Jobs of every mode and phase share the step's one forward.
 
 A step is a transaction: nothing of a job changes until every job's tokens are chosen. A step
 that raises (out of memory, say) leaves every job as it was, generator state included; a
-forward or head chunk that fails with another error fails only its jobs (`StepResult.failed`)
-and the others' step completes.
+forward that fails with another error fails the step's jobs, an LM-head call only its own
+(`StepResult.failed`), and the others' step completes.
 """
 
 from __future__ import annotations
@@ -24,14 +25,16 @@ from dataclasses import dataclass, field
 
 import torch
 
-from server.engine import sampling
-from server.engine.choice import ChoiceJob, choose, unpack
+from server.engine import schedule
 from server.engine.events import Reveal
-from server.engine.forwards import RowInput, Work, run_step, unconditional
-from server.engine.hooks import ForwardHooks
-from server.engine.kv_cache import KVPool, pages_for, slots
+from server.engine.kv_cache import PAGE_TOKENS, KVPool, pages_for
 from server.engine.loader import LoadedModel
+from server.engine.packed import RowInput
+from server.engine.request import Request
+from server.engine.runner import ForwardMetrics, Work, run_step, unconditional
+from server.engine.sampler import ChoiceJob, choose, unpack
 from server.engine.sampling_params import SamplingParams
+from server.scheduler.kv_pages import KVPages
 
 # Most candidate rows whose logits are computed in one LM-head call by default: a [rows, vocab]
 # float32 buffer, 260 MB at LLaDA's vocabulary. Jobs beyond it go in further calls.
@@ -39,7 +42,7 @@ HEAD_ROWS = 512
 
 
 @dataclass(eq=False)
-class DenoiseJob:
+class DenoiseJob(Request):
     prompt_len: int
     params: SamplingParams
     canvas: list[int]  # prompt + answer, on the host
@@ -55,8 +58,7 @@ class DenoiseJob:
     finished: bool = False
     masked: int = 0  # answer positions still masked
     generator: torch.Generator | None = None  # made by the engine thread on the first step
-    cache_slots: list[list[int]] = field(default_factory=list)  # per row (two under CFG), every position
-    cache_pages: list[list[int]] = field(default_factory=list)
+    cache_slots: list[int] = field(default_factory=list)  # per row (two under CFG): the slot of position 0
     cache_block: int = -1  # the block whose first (full) forward filled the cache
 
     @property
@@ -89,60 +91,53 @@ class StepEvent:
 
 @dataclass
 class StepResult:
-    events: list[StepEvent]
+    events: dict[str, StepEvent]  # by request id, for the jobs that stepped
     failed: list[tuple[list[DenoiseJob], Exception]]  # jobs whose forward or head raised, and why
 
 
 def cache_pages_for(prompt_len: int, params: SamplingParams) -> int:
-    """KV-cache pages a job holds while it runs (0 without a cache)."""
-    return 0 if params.cache == "none" else params.rows * pages_for(prompt_len + params.gen_length)
+    """KV-cache pages each of a job's rows holds while it runs (0 without a cache)."""
+    return 0 if params.cache == "none" else pages_for(prompt_len + params.gen_length)
 
 
 class Denoiser:
     def __init__(
-        self, loaded: LoadedModel, hooks: ForwardHooks | None = None, cache_pages: int = 0, head_rows: int = HEAD_ROWS
+        self,
+        loaded: LoadedModel,
+        pool: KVPool | None = None,
+        head_rows: int = HEAD_ROWS,
+        timing: ForwardMetrics | None = None,
     ):
-        """cache_pages: the KV-cache pool's size; the caller admits no more cached jobs than fit.
+        """pool: the KV cache that cached jobs' slots point into (the scheduler reserves them).
         head_rows: the most candidate rows per LM-head call (a job over it gets a call alone)."""
         self.loaded = loaded
-        self.head_rows = head_rows
         self.model = loaded.model
+        self.pool = pool
+        self.head_rows = head_rows
+        self.timing = timing
         self.mask_id = loaded.special.mask
         self.eos_id = loaded.special.eos
-        self.hooks = hooks or ForwardHooks()
-        self.cache_pages = cache_pages
-        self.pool: KVPool | None = None
 
-    def new_job(self, prompt_ids: list[int], params: SamplingParams, report_steps: bool = True) -> DenoiseJob:
-        """Host state only: the engine thread makes the job's generator at its first step."""
+    def new_job(self, prompt_ids: list[int], params: SamplingParams, report_steps: bool = True, **request) -> DenoiseJob:
+        """Host state only: the engine thread makes the job's generator at its first step and
+        gives a cached job its slots (cache_slots) when it is admitted."""
         canvas = list(prompt_ids) + [self.mask_id] * params.gen_length
         for position, token in params.constraints:
             canvas[len(prompt_ids) + position] = token
-        spans = sampling.block_spans(params.gen_length, params.block_length)
+        spans = schedule.block_spans(params.gen_length, params.block_length)
         job = DenoiseJob(
             prompt_len=len(prompt_ids),
             params=params,
             canvas=canvas,
             seed=params.seed if params.seed is not None else random.getrandbits(63),
             blocks=[(len(prompt_ids) + s, len(prompt_ids) + e) for s, e in spans],
-            block_steps=sampling.steps_per_block(params.steps, len(spans)),
+            block_steps=schedule.steps_per_block(params.steps, len(spans)),
             report_steps=report_steps,
             masked=params.gen_length - len(params.constraints),
+            **request,
         )
-        if params.cache != "none":
-            if self.pool is None:
-                self.pool = KVPool(self.model.config, self.cache_pages, self.model.device, self.model.dtype)
-            for _ in range(params.rows):
-                job.cache_pages.append(self.pool.allocate(len(canvas)))
-                job.cache_slots.append(slots(job.cache_pages[-1], 0, len(canvas)))
         self._next_block(job)
         return job
-
-    def release(self, job: DenoiseJob) -> None:
-        """Give the job's cache pages back (it finished, failed or was cancelled)."""
-        for pages in job.cache_pages:
-            self.pool.release(pages)
-        job.cache_pages, job.cache_slots = [], []
 
     def _next_block(self, job: DenoiseJob) -> None:
         """Move to the next block that still has masks, or finish; with early stop, finish after a
@@ -159,7 +154,7 @@ class Denoiser:
             job.block += 1
             start, end = job.blocks[job.block]
             job.block_masked = [p for p in range(start, end) if job.canvas[p] == self.mask_id]
-            job.schedule = sampling.transfer_schedule(len(job.block_masked), job.block_steps[job.block])
+            job.schedule = schedule.transfer_schedule(len(job.block_masked), job.block_steps[job.block])
             job.step_in_block = 0
             if job.block_masked:
                 return
@@ -168,11 +163,10 @@ class Denoiser:
 
     @torch.inference_mode()
     def step(self, jobs: list[DenoiseJob]) -> StepResult:
-        self.hooks.step_started()
         for job in jobs:
             if job.generator is None and job.draws:
                 job.generator = torch.Generator(device=self.model.device).manual_seed(job.seed)
-        saved = {id(job): job.generator.get_state() for job in jobs if job.draws}
+        saved = {job.id: job.generator.get_state() for job in jobs if job.draws}
         works = [self._work(job) for job in jobs]
         width = max(len(job.block_masked) for job in jobs)
 
@@ -181,15 +175,13 @@ class Denoiser:
             return choose(logits, [self._choice(work.owner) for work in chunk], self.eos_id, stops, width)
 
         try:
-            outcome = run_step(self.model, works, self.eos_id, self.hooks, self.head_rows, decide, self.pool)
+            outcome = run_step(self.model, works, self.head_rows, decide, self.pool, self.timing)
         except BaseException:
             for job in jobs:
-                if id(job) in saved:
-                    job.generator.set_state(saved[id(job)])
+                if job.id in saved:
+                    job.generator.set_state(saved[job.id])
             raise
-        finally:
-            self.hooks.step_finished()
-        events = [self._commit(work.owner, outcome.values[id(work)]) for work in works if id(work) in outcome.values]
+        events = {works[i].owner.id: self._commit(works[i].owner, row) for i, row in outcome.values.items()}
         return StepResult(events, outcome.failed)
 
     def _work(self, job: DenoiseJob) -> Work:
@@ -203,13 +195,13 @@ class Denoiser:
             inputs = [RowInput(tokens) for tokens in rows]
             return Work(job, inputs[0], job.block_masked, inputs[1] if len(inputs) == 2 else None)
         if job.cache_block != job.block:  # the block's first step: a full forward fills the cache
-            start, stop, read = 0, len(job.canvas), None
-        else:
-            start, end = job.blocks[job.block]
-            stop, read = (len(job.canvas) if mode == "prefix" else end), True
+            inputs = [RowInput(tokens, cache_slot=slot) for tokens, slot in zip(rows, job.cache_slots)]
+            return Work(job, inputs[0], job.block_masked, inputs[1] if len(inputs) == 2 else None)
+        start, end = job.blocks[job.block]
+        stop = len(job.canvas) if mode == "prefix" else end
         inputs = [
-            RowInput(tokens[start:stop], start, row_slots[start:stop], row_slots if read else None)
-            for tokens, row_slots in zip(rows, job.cache_slots)
+            RowInput(tokens[start:stop], start, slot, reads_cache=True, context=len(job.canvas))
+            for tokens, slot in zip(rows, job.cache_slots)
         ]
         positions = [p - start for p in job.block_masked]
         return Work(job, inputs[0], positions, inputs[1] if len(inputs) == 2 else None)
@@ -256,11 +248,24 @@ class Denoiser:
         return StepEvent(job=job, step=job.steps_done, block=block, revealed=count, reveals=reveals, masked=job.masked)
 
 
+def standalone(loaded: LoadedModel, prompts: list[list[int]], params: list[SamplingParams]) -> tuple[Denoiser, list[DenoiseJob]]:
+    """A denoiser with a KV pool just big enough for these jobs, and the jobs, their cache slots
+    reserved (tests, benches: the engine's scheduler does this for a server)."""
+    need = [cache_pages_for(len(prompt), p) for prompt, p in zip(prompts, params)]
+    pages = KVPages(sum(n * p.rows for n, p in zip(need, params)))
+    pool = KVPool(loaded.config, pages.pages, loaded.device, loaded.dtype) if pages.pages else None
+    denoiser = Denoiser(loaded, pool)
+    jobs = []
+    for prompt, p, n in zip(prompts, params, need):
+        job = denoiser.new_job(prompt, p, report_steps=False)
+        job.cache_slots = [first * PAGE_TOKENS for first in pages.allocate([n] * p.rows)] if n else []
+        jobs.append(job)
+    return denoiser, jobs
+
+
 def run_jobs(loaded: LoadedModel, prompts: list[list[int]], params: list[SamplingParams]) -> list[DenoiseJob]:
     """Run jobs together until all finish (finished jobs leave the batch); the jobs, in order."""
-    pages = sum(cache_pages_for(len(prompt), p) for prompt, p in zip(prompts, params))
-    denoiser = Denoiser(loaded, cache_pages=pages)
-    jobs = [denoiser.new_job(prompt, p, report_steps=False) for prompt, p in zip(prompts, params)]
+    denoiser, jobs = standalone(loaded, prompts, params)
     running = [job for job in jobs if not job.finished]
     while running:
         result = denoiser.step(running)

@@ -1,4 +1,5 @@
-"""Resolution of the `--device` and `--dtype` settings."""
+"""Resolution of the `--device` and `--dtype` settings, batch invariance on CUDA, and which
+device errors end the engine."""
 
 from __future__ import annotations
 
@@ -11,6 +12,20 @@ from server.engine.errors import DeviceError
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
+class DeviceFailure(RuntimeError):
+    """A device error after which the device cannot be trusted (the injected `fatal` fault)."""
+
+
+def is_fatal(exc: BaseException) -> bool:
+    """Whether an error poisons the device context: on CUDA any device error but out of memory
+    (an illegal address or a device-side assert leaves every later call failing)."""
+    if isinstance(exc, torch.OutOfMemoryError):
+        return False
+    if isinstance(exc, (DeviceFailure, torch.AcceleratorError)):
+        return True
+    return isinstance(exc, RuntimeError) and "CUDA error" in str(exc)
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
@@ -19,25 +34,26 @@ def resolve_device(name: str) -> torch.device:
     if name != "cpu" and not name.startswith("cuda"):
         raise DeviceError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N")
     device = torch.device(name)
-    if device.type == "cuda":
-        make_cuda_batch_invariant()
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
     return device
 
 
-def make_cuda_batch_invariant() -> None:
-    """Process-wide CUDA settings under which a row computes the same numbers in any batch; set
-    once, when a CUDA device is resolved (before the model loads).
+def set_batch_invariance(device: torch.device, on: bool) -> None:
+    """`--batch-invariant` on CUDA, set once before the first product runs: on, a row computes the
+    same numbers in any batch; off, PyTorch picks the fastest kernels. CPU is batch-invariant
+    either way (oneDNN linears with padded row counts, attention per sequence).
 
     cuBLAS splits a product's reduction in its workspace (split-K) depending on the matrix shape,
     so a row's numbers would depend on how many rows share the forward; without the workspace they
-    do not (read when cuBLAS starts). Attention: one kernel (memory-efficient, math as fallback)
-    serves padded rows (key mask) and unpadded ones alike. Flash attention takes no mask, and
-    cuDNN's, which PyTorch prefers on recent GPUs, also builds a graph for every new shape (75 ms
-    median, 0.9 s worst on an H200), and a server sees new lengths all the time. CPU keeps
-    PyTorch's choice, batch-invariant as is.
-    """
-    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":0:0")
-    torch.backends.cuda.enable_flash_sdp(False)
+    do not (read when cuBLAS starts). Attention runs per sequence (models/layers.py), so a row's
+    attention never depends on the others; cuDNN's kernel is still kept off, as it builds a graph
+    for every new shape (75 ms median, 0.9 s worst on an H200) and a server sees new lengths all
+    the time."""
+    if device.type != "cuda":
+        return
+    if on:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":0:0")
     torch.backends.cuda.enable_cudnn_sdp(False)
 
 

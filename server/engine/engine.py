@@ -2,43 +2,47 @@
 
 Callers (the HTTP layer's engine client) use only `submit_generate`, `submit_score`, `cancel`,
 `stats`, `info` and the lifecycle calls; everything they pass and receive is torch-free
-(sampling_params, events, model_info, stats). Each iteration asks the scheduler which jobs share
-the next step, runs it (the denoiser or the scorer turns it into forwards), and hands every job
+(sampling_params, events, model_info, stats). A request is one object (request.py: a DenoiseJob
+or a ScoringJob) keyed by its id, which is also its scheduler job's id. Each iteration asks the
+scheduler for the next plan (which jobs share the step; the scheduler also reserved their KV
+pages), runs it (the denoiser or the scorer turns it into one forward) and hands every request
 its events through its sink, a thread-safe callable supplied by the caller.
 
 Failures stay with the jobs they hit. A step is a transaction (denoiser.py): a forward or LM-head
-call that raises fails its own jobs and the rest of the step goes on; out of memory leaves every
-job as it was and the step's jobs are retried as smaller groups, down to single jobs, and only a
-job that fails alone fails. If the loop itself dies, every job still held is answered.
+call that raises fails its own jobs and the loop goes on; out of memory leaves every job as it
+was and the step's jobs are retried as smaller groups, down to single jobs, and only a job that
+fails alone fails. A device error that poisons the context (devices.is_fatal: anything but out
+of memory on CUDA) ends the engine, as does a loop that dies: every job still held is answered
+and /health says so, so that a replica is replaced.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 from server.engine.denoiser import DenoiseJob, Denoiser, cache_pages_for
+from server.engine.devices import is_fatal
 from server.engine.errors import RequestTooLarge
 from server.engine.events import GenerationDone, GenerationStep, JobFailed, ScoringDone
-from server.engine.faults import FaultInjector
-from server.engine.hooks import ForwardHooks
-from server.engine.kv_cache import PAGE_TOKENS, bytes_per_token
+from server.engine.faults import FaultInjector, FaultyModel
+from server.engine.kv_cache import PAGE_TOKENS, KVPool, bytes_per_token
 from server.engine.likelihood import Scorer, ScoringJob
 from server.engine.loader import LoadedModel
 from server.engine.model_info import ModelInfo
+from server.engine.request import Sink
+from server.engine.runner import ForwardMetrics
 from server.engine.sampling_params import SamplingParams, ScoreParams
 from server.engine.stats import EngineStats
 from server.metrics import Metrics
 from server.scheduler import Batch, Job, JobKind, Scheduler
 
 log = logging.getLogger("llada.engine")
-
-Sink = Callable[[object], None]
 
 
 @dataclass(frozen=True)
@@ -61,31 +65,25 @@ def cache_budget(settings: EngineSettings, device: torch.device) -> int:
     return CPU_CACHE_BYTES
 
 
-@dataclass(eq=False)
-class WorkItem:
-    sink: Sink
-    submitted: float
-    prompt_ids: list[int] | None = None  # generation: made into a DenoiseJob by the engine thread
-    params: SamplingParams | None = None
-    report_steps: bool = False  # a JSON request needs only its final event
-    engine_job: DenoiseJob | ScoringJob | None = None
-    started: float | None = None
-
-
 class Engine:
     def __init__(
         self, loaded: LoadedModel, settings: EngineSettings, metrics: Metrics | None = None, poll_s: float = 0.05
     ):
+        """Allocates the KV-cache pool now: PoolTooLarge (a DeviceError) if it does not fit."""
+        if settings.inject_faults:
+            loaded = dataclasses.replace(loaded, model=FaultyModel(loaded.model, FaultInjector(settings.inject_faults)))
         self.loaded = loaded
+        self.device = loaded.device
         self.info: ModelInfo = loaded.info
         self.page_bytes = bytes_per_token(loaded.config, loaded.dtype) * PAGE_TOKENS
-        cache_pages = cache_budget(settings, loaded.device) // self.page_bytes
+        cache_pages = cache_budget(settings, self.device) // self.page_bytes
+        self.pool = KVPool(loaded.config, cache_pages, self.device, loaded.dtype) if cache_pages else None
         self.scheduler = Scheduler(settings.max_batch_rows, settings.max_queue, cache_pages)
         self.metrics = metrics or Metrics()
         self.metrics.kv_cache_capacity_bytes.set(cache_pages * self.page_bytes)
-        hooks = ForwardHooks(FaultInjector(settings.inject_faults), self.metrics)
-        self.denoiser = Denoiser(loaded, hooks, cache_pages)
-        self.scorer = Scorer(loaded, hooks)
+        timing = ForwardMetrics(self.metrics)
+        self.denoiser = Denoiser(loaded, self.pool, timing=timing)
+        self.scorer = Scorer(loaded, timing)
         self.poll_s = poll_s
         self.death: str | None = None
         self._stop = threading.Event()
@@ -119,37 +117,29 @@ class Engine:
         which spares the event loop a wake-up per step. Raises RequestTooLarge for a cache that
         could never fit."""
         pages = cache_pages_for(len(prompt_ids), params)
-        if pages > self.scheduler.max_cache_pages:
-            needs, allows = pages * self.page_bytes / 2**20, self.scheduler.max_cache_pages * self.page_bytes / 2**20
+        if pages * params.rows > self.scheduler.max_cache_pages:
+            needs = pages * params.rows * self.page_bytes / 2**20
+            allows = self.scheduler.max_cache_pages * self.page_bytes / 2**20
             raise RequestTooLarge(
                 "cache",
                 f"this request's KV cache needs {needs:.1f} MiB but --max-cache-memory allows {allows:.1f} MiB; "
                 "use cache none, a shorter request, or a larger --max-cache-memory",
             )
-        job = Job(
-            JobKind.GENERATE,
-            length=len(prompt_ids) + params.gen_length,
-            rows_per_unit=params.rows,
-            cache_pages=pages,
-            payload=WorkItem(sink, time.monotonic(), list(prompt_ids), params, report_steps),
-        )
+        request = self.denoiser.new_job(prompt_ids, params, report_steps, sink=sink)
         if len(params.constraints) == params.gen_length:  # every answer position is pinned
-            sink(GenerationDone([token for _, token in sorted(params.constraints)], 0, 0.0, params.approximate))
-            return job.id
-        return self._submit(job)
+            sink(GenerationDone(request.answer, 0, 0.0, params.approximate))
+            return request.id
+        job = Job(JobKind.GENERATE, len(prompt_ids) + params.gen_length, params.rows, cache_pages=pages)
+        return self._submit(job, request)
 
     def submit_score(self, pairs: list[tuple[list[int], list[int]]], params: ScoreParams, sink: Sink) -> str:
-        engine_job = self.scorer.new_job(pairs, params)
-        job = Job(
-            JobKind.SCORE,
-            length=max(len(a) + len(b) for a, b in pairs),
-            rows_per_unit=params.rows_per_unit,
-            units=engine_job.units,
-            payload=WorkItem(sink, time.monotonic(), engine_job=engine_job),
-        )
-        return self._submit(job)
+        request = self.scorer.new_job(pairs, params, sink=sink)
+        length = max(len(a) + len(b) for a, b in pairs)
+        job = Job(JobKind.SCORE, length, params.rows_per_unit, units=request.units)
+        return self._submit(job, request)
 
-    def _submit(self, job: Job) -> str:
+    def _submit(self, job: Job, request: DenoiseJob | ScoringJob) -> str:
+        job.id, job.payload = request.id, request
         self.scheduler.submit(job)
         self._update_gauges()
         return job.id
@@ -179,6 +169,8 @@ class Engine:
 
     def _run(self) -> None:
         try:
+            if self.device.type == "cuda":
+                torch.cuda.set_device(self.device)
             while not self._stop.is_set():
                 self._answer_cancelled()
                 batch = self.scheduler.next_batch(timeout=self.poll_s)
@@ -188,7 +180,7 @@ class Engine:
                     self._run_batch(batch)
                     self.metrics.loop_iteration_seconds.observe(time.perf_counter() - start)
                 self._update_gauges()
-        except BaseException as exc:  # the loop itself broke: health must say so
+        except BaseException as exc:  # the loop itself broke, or the device did: health must say so
             self.death = f"{type(exc).__name__}: {exc}"
             log.exception("engine loop died")
         finally:
@@ -197,136 +189,123 @@ class Engine:
 
     def _run_batch(self, batch: Batch) -> None:
         now = time.monotonic()
-        jobs = []
         for job in batch.jobs:
-            item: WorkItem = job.payload
-            if item.started is None:
-                item.started = now
-                self.metrics.queue_wait_seconds.observe(now - item.submitted)
-            if item.engine_job is None:  # made here, so the device is touched by this thread only
-                try:
-                    item.engine_job = self.denoiser.new_job(item.prompt_ids, item.params, item.report_steps)
-                except Exception as exc:  # the first cached job allocates the KV pool: it may not fit
-                    self._fail([job], "engine_error", f"the request could not start: {type(exc).__name__}: {exc}")
-                    continue
-            jobs.append(job)
-        if not jobs:
-            return
+            request = job.payload
+            if request.started is None:
+                request.started = now
+                self.metrics.queue_wait_seconds.observe(now - request.submitted)
+                if isinstance(request, DenoiseJob) and job.cache_runs:
+                    request.cache_slots = [first * PAGE_TOKENS for first in job.cache_runs]
         if batch.kind is JobKind.GENERATE:
-            self._generate(jobs)
+            self._generate(batch.jobs)
         else:
-            self._score([(job, batch.units[job.id]) for job in jobs])
-        if self.loaded.device.type == "cuda":
-            self.metrics.observe_device_memory(torch.cuda.memory_allocated(), torch.cuda.memory_reserved())
+            self._score([(job, batch.units[job.id]) for job in batch.jobs])
+        if self.device.type == "cuda":
+            self.metrics.observe_device_memory(
+                torch.cuda.memory_allocated(self.device), torch.cuda.memory_reserved(self.device)
+            )
 
     def _generate(self, jobs: list[Job]) -> None:
         groups = [jobs]
         while groups:
             group = groups.pop(0)
-            by_engine_job = {id(job.payload.engine_job): job for job in group}
             try:
-                result = self.denoiser.step([job.payload.engine_job for job in group])
+                result = self.denoiser.step([job.payload for job in group])
             except torch.OutOfMemoryError:
                 if len(group) == 1:
                     self._fail(group, "engine_error", "out of device memory for a single request")
                     continue
                 log.warning("out of memory at %d jobs: retrying as two batches", len(group))
-                _release_cached_memory(self.loaded.device)
+                _release_cached_memory(self.device)
                 half = len(group) // 2
                 groups[:0] = [group[:half], group[half:]]
                 continue
-            for engine_jobs, exc in result.failed:
-                failed = [by_engine_job[id(j)] for j in engine_jobs]
+            by_id = {job.id: job for job in group}
+            for requests, exc in result.failed:
+                _raise_if_fatal(exc)
+                failed = [by_id[r.id] for r in requests]
                 self._fail(failed, "engine_error", f"the forward pass failed: {type(exc).__name__}: {exc}")
-            self._deliver(result.events, by_engine_job)
+            self._deliver(result.events, by_id)
 
-    def _deliver(self, events, by_engine_job: dict[int, Job]) -> None:
+    def _deliver(self, events, by_id: dict[str, Job]) -> None:
         now = time.monotonic()
-        for event in events:
-            job = by_engine_job[id(event.job)]
-            item: WorkItem = job.payload
+        for request_id, event in events.items():
+            request: DenoiseJob = event.job
             if event.step == 1:
-                self.metrics.time_to_first_step_seconds.observe(now - item.submitted)
-            if item.report_steps:
-                item.sink(GenerationStep(event.step, event.block, event.reveals, event.masked))
+                self.metrics.time_to_first_step_seconds.observe(now - request.submitted)
+            if request.report_steps:
+                request.sink(GenerationStep(event.step, event.block, event.reveals, event.masked))
             self.metrics.generated_tokens_total.inc(event.revealed)
             if event.finished:
-                self._leave(job)
-                done = GenerationDone(
-                    event.job.answer, event.step, item.started - item.submitted, item.params.approximate
-                )
-                item.sink(done)
+                self.scheduler.finish(request_id)
+                queued = request.started - request.submitted
+                request.sink(GenerationDone(request.answer, event.step, queued, request.params.approximate))
         self.metrics.denoise_steps_total.inc(len(events))
 
     def _score(self, work: list[tuple[Job, int]]) -> None:
         groups = [work]
         while groups:
             group = groups.pop(0)
-            scoring = {id(job.payload.engine_job): job for job, _ in group}
-            before = {job.id: job.payload.engine_job.rows_done for job, _ in group}
+            before = {job.id: job.payload.rows_done for job, _ in group}
             try:
-                result = self.scorer.step([(job.payload.engine_job, units) for job, units in group])
+                result = self.scorer.step([(job.payload, units) for job, units in group])
             except torch.OutOfMemoryError:
                 if len(group) == 1 and group[0][1] == 1:
                     self._fail([group[0][0]], "engine_error", "out of device memory for a single scoring row")
                     continue
                 log.warning("out of memory at %d scoring rows: retrying with half", sum(u for _, u in group))
-                _release_cached_memory(self.loaded.device)
+                _release_cached_memory(self.device)
                 if len(group) > 1:
                     half = len(group) // 2
                     groups[:0] = [group[:half], group[half:]]
                 else:  # one job: fewer of its units now, the rest in later steps
                     groups.insert(0, [(group[0][0], group[0][1] // 2)])
                 continue
-            failed = {id(job) for jobs, _ in result.failed for job in jobs}
-            for jobs, exc in result.failed:
-                self._fail([scoring[id(j)] for j in jobs], "engine_error", f"the forward pass failed: {exc}")
+            by_id = {job.id: job for job, _ in group}
+            failed = {r.id for requests, _ in result.failed for r in requests}
+            for requests, exc in result.failed:
+                _raise_if_fatal(exc)
+                self._fail([by_id[r.id] for r in requests], "engine_error", f"the forward pass failed: {exc}")
             for job, _ in group:
-                engine_job: ScoringJob = job.payload.engine_job
-                if id(engine_job) in failed:
+                request: ScoringJob = job.payload
+                if job.id in failed:
                     continue
-                self.metrics.loglikelihood_samples_total.inc(engine_job.rows_done - before[job.id])
-                if engine_job.finished:
-                    self._leave(job)
-                    item: WorkItem = job.payload
-                    item.sink(ScoringDone(engine_job.results, engine_job.rows_done, item.started - item.submitted))
+                self.metrics.loglikelihood_samples_total.inc(request.rows_done - before[job.id])
+                if request.finished:
+                    self.scheduler.finish(job.id)
+                    queued = request.started - request.submitted
+                    request.sink(ScoringDone(request.results, request.rows_done, queued))
                 else:
-                    self.scheduler.update_units(job.id, engine_job.units)
-
-    def _leave(self, job: Job) -> None:
-        """The one way out of the scheduler for a job that ran: its cache pages go back too."""
-        self.scheduler.finish(job.id)
-        self._release(job)
-
-    def _release(self, job: Job) -> None:
-        if isinstance(job.payload.engine_job, DenoiseJob):
-            self.denoiser.release(job.payload.engine_job)
+                    self.scheduler.update_units(job.id, request.units)
 
     def _fail(self, jobs: list[Job], code: str, message: str) -> None:
         log.error("%s: failing %d job(s): %s", code, len(jobs), message)
         self.metrics.engine_errors_total.inc()
         for job in jobs:
-            self._leave(job)
+            self.scheduler.finish(job.id)
             job.payload.sink(JobFailed(code, message))
 
     def _answer_cancelled(self) -> None:
-        for job in self.scheduler.drain_cancelled():  # already out of the scheduler
-            self._release(job)
+        for job in self.scheduler.drain_cancelled():  # already out of the scheduler, pages freed
             self.metrics.cancelled_total.inc()
             job.payload.sink(JobFailed("cancelled", "the request was cancelled"))
 
     def _fail_all(self, code: str, message: str) -> None:
         self.scheduler.close()
         for job in self.scheduler.drain_all():
-            self._release(job)
             job.payload.sink(JobFailed("cancelled" if job.cancelled else code, message))
         self._update_gauges()
 
     def _update_gauges(self) -> None:
         self.metrics.queue_depth.set(self.scheduler.queue_depth)
         self.metrics.running_jobs.set(self.scheduler.running)
-        pool = self.denoiser.pool
-        self.metrics.kv_cache_bytes.set(pool.bytes_in_use if pool else 0)
+        self.metrics.kv_cache_bytes.set(self.scheduler.cache_pages_in_use * self.page_bytes)
+
+
+def _raise_if_fatal(exc: Exception) -> None:
+    """A device error that poisons the context ends the loop (every held request is answered)."""
+    if is_fatal(exc):
+        raise exc
 
 
 def _release_cached_memory(device: torch.device) -> None:

@@ -15,3 +15,8 @@ class RequestTooLarge(ValueError):
     def __init__(self, param: str, message: str):
         super().__init__(message)
         self.param = param
+
+
+class PoolTooLarge(DeviceError):
+    """The KV-cache pool could not be allocated at start-up (the message says to lower
+    --max-cache-memory)."""

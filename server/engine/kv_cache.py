@@ -1,32 +1,37 @@
-"""Keys and values of the fast decoding modes (LLADA.md "Fast decoding"), kept per job.
+"""Keys and values of the fast decoding modes (LLADA.md "Fast decoding"), kept per row.
 
-One pool holds every cached row's keys and values for all layers, in pages of PAGE_TOKENS token
-slots (in the spirit of gpt-fast's KVCache: a small buffer written at explicit positions, here
-shared by many jobs). A job owns pages for each of its rows (two under CFG) covering its whole
-sequence, so slot(position) is a page lookup; a forward writes its rows' new keys and values at
-their slots and attends to the keys and values at the slots of every position of the row. Page
-0 is never handed out: padded query positions and rows that keep no cache write there.
+One pool holds every cached row's keys and values for all layers, allocated once when the engine
+starts (in the spirit of gpt-fast's KVCache: a buffer written at explicit positions, here shared
+by many requests). The scheduler's KV manager (server/scheduler/kv_pages.py) hands each cached
+row a contiguous run of pages covering its whole sequence, at admission, and takes it back when
+the request ends; so position p of a row lives at slot first + p, and a row's keys are a view of
+the pool that attention reads in place.
 
 Prefix and dual caches are the same layout: at a block's first step a full forward writes every
 position; later steps write the positions they run (prefix: block start to the end; dual: the
-block) and attend to all, so each row sees the kept prefix (and, dual, the kept stale suffix)
-plus its own fresh keys, as the published algorithm does.
+block) and attend to the row's whole sequence in the cache, so each row sees the kept prefix
+(and, dual, the kept stale suffix) plus its own fresh keys, as the published algorithm does.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
-from server.engine.model_config import ModelConfig
+from server.engine.errors import PoolTooLarge
+
+if TYPE_CHECKING:
+    from server.engine.packed import Seq
 
 PAGE_TOKENS = 16
 
 
-def bytes_per_token(config: ModelConfig, dtype: torch.dtype) -> int:
-    """Keys and values of one position, every layer."""
+def bytes_per_token(config, dtype: torch.dtype) -> int:
+    """Keys and values of one position, every layer (config: any model's, with n_layers,
+    n_kv_heads and head_dim)."""
     return config.n_layers * 2 * config.n_kv_heads * config.head_dim * torch.empty((), dtype=dtype).element_size()
 
 
@@ -35,56 +40,41 @@ def pages_for(tokens: int) -> int:
 
 
 class KVPool:
-    """Made by the engine thread at the first cached job; every call is from that thread."""
-
-    def __init__(self, config: ModelConfig, pages: int, device: torch.device, dtype: torch.dtype):
+    def __init__(self, config, pages: int, device: torch.device, dtype: torch.dtype):
         self.page_bytes = bytes_per_token(config, dtype) * PAGE_TOKENS
-        slots = (pages + 1) * PAGE_TOKENS
-        shape = (config.n_layers, slots, config.n_kv_heads, config.head_dim)
-        # Untouched pages of a CPU buffer this size cost address space only; a CUDA one is
-        # reserved here, as the budget says.
-        self.keys = torch.empty(shape, dtype=dtype, device=device)
-        self.values = torch.empty(shape, dtype=dtype, device=device)
-        self.free = list(range(pages, 0, -1))
-
-    def allocate(self, tokens: int) -> list[int]:
-        """Pages for one row of `tokens` positions; the scheduler's admission keeps them available."""
-        count = pages_for(tokens)
-        if count > len(self.free):
-            raise RuntimeError(f"KV cache pool exhausted: {count} pages asked, {len(self.free)} free")
-        pages, self.free = self.free[-count:], self.free[:-count]
-        return pages
-
-    def release(self, pages: list[int]) -> None:
-        self.free.extend(pages)
+        self.pages = pages
+        shape = (config.n_layers, pages * PAGE_TOKENS, config.n_kv_heads, config.head_dim)
+        try:
+            self.keys = torch.empty(shape, dtype=dtype, device=device)
+            self.values = torch.empty(shape, dtype=dtype, device=device)
+        except (RuntimeError, torch.OutOfMemoryError) as exc:
+            raise PoolTooLarge(
+                f"the KV cache pool of {pages * self.page_bytes / 2**20:.0f} MiB could not be allocated on "
+                f"{device} ({type(exc).__name__}); lower --max-cache-memory"
+            ) from exc
 
     @property
-    def bytes_in_use(self) -> int:
-        return (self.keys.shape[1] // PAGE_TOKENS - 1 - len(self.free)) * self.page_bytes
+    def bytes(self) -> int:
+        return self.pages * self.page_bytes
 
-
-def slots(pages: list[int], start: int, end: int) -> list[int]:
-    """Cache slots of positions start..end-1 of a row that owns `pages`."""
-    return [pages[p // PAGE_TOKENS] * PAGE_TOKENS + p % PAGE_TOKENS for p in range(start, end)]
+    def read(self, layer: int, seq: Seq) -> tuple[torch.Tensor, torch.Tensor]:
+        """A row's keys and values for its whole sequence: views of the pool, not copies."""
+        run = slice(seq.slot, seq.slot + seq.context)
+        return self.keys[layer, run], self.values[layer, run]
 
 
 @dataclass(frozen=True)
-class KVBatch:
-    """What one forward does with the cache: RoPE at `positions` [rows, queries], each query's
-    new keys and values written at `write` [rows * queries] (page 0 for padding and rows that keep
-    none), and, when `read` [rows, keys] is given, attention over the keys at those slots instead
-    of the forward's own."""
+class CacheWrites:
+    """Where a packed step's cached rows write: the packed tokens `rows` go to `slots`."""
 
     pool: KVPool
-    positions: torch.Tensor
-    write: torch.Tensor
-    read: torch.Tensor | None = None
+    rows: torch.Tensor
+    slots: torch.Tensor
 
-    def attend(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """k, v [rows, kv_heads, queries, head_dim] after RoPE -> the keys and values to attend to."""
-        keys, values = self.pool.keys[layer], self.pool.values[layer]
-        keys.index_copy_(0, self.write, k.transpose(1, 2).reshape(-1, *keys.shape[1:]))
-        values.index_copy_(0, self.write, v.transpose(1, 2).reshape(-1, *values.shape[1:]))
-        if self.read is None:
-            return k, v
-        return keys[self.read].transpose(1, 2), values[self.read].transpose(1, 2)
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        if self.rows.numel():
+            self.pool.keys[layer].index_copy_(0, self.slots, k.index_select(0, self.rows))
+            self.pool.values[layer].index_copy_(0, self.slots, v.index_select(0, self.rows))
+
+    def read(self, layer: int, seq: Seq) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.pool.read(layer, seq)

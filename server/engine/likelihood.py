@@ -3,7 +3,7 @@ requests.
 
 A scoring job turns each (prefix, target) pair into rows of work: MC rows (a noisy copy of the
 sequence with some target positions masked) and, if asked, one greedy row per pair per forward.
-Rows of any jobs share forwards (forwards.run_step) and one LM-head call per HEAD_ROWS
+Rows of any jobs share one packed forward (runner.run_step) and one LM-head call per HEAD_ROWS
 positions, which runs only on the masked positions; the results are read back once per step.
 
 A step is a transaction, as the denoiser's: rows are taken from the jobs, and results written
@@ -27,12 +27,14 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from server.engine.choice import ChoiceJob, choose, guide
+from server.engine.device_io import index
 from server.engine.events import ScoreResult
-from server.engine.forwards import RowInput, Work, index, run_step, unconditional
-from server.engine.hooks import ForwardHooks
 from server.engine.loader import LoadedModel
-from server.engine.sampling import spread
+from server.engine.packed import RowInput
+from server.engine.request import Request
+from server.engine.runner import ForwardMetrics, Work, run_step, unconditional
+from server.engine.sampler import ChoiceJob, choose, guide
+from server.engine.schedule import spread
 from server.engine.sampling_params import ScoreParams
 
 # Most masked positions whose logits are computed in one LM-head call (see denoiser.HEAD_ROWS).
@@ -59,7 +61,7 @@ class GreedyState:
 
 
 @dataclass(eq=False)
-class ScoringJob:
+class ScoringJob(Request):
     pairs: list[tuple[list[int], list[int]]]
     params: ScoreParams
     mask_id: int
@@ -137,20 +139,19 @@ class ScoreStep:
 
 
 class Scorer:
-    def __init__(self, loaded: LoadedModel, hooks: ForwardHooks | None = None):
+    def __init__(self, loaded: LoadedModel, timing: ForwardMetrics | None = None):
         self.model = loaded.model
         self.mask_id = loaded.special.mask
         self.pad_id = loaded.special.eos
-        self.hooks = hooks or ForwardHooks()
+        self.timing = timing
 
-    def new_job(self, pairs: list[tuple[list[int], list[int]]], params: ScoreParams) -> ScoringJob:
-        return ScoringJob(pairs, params, self.mask_id)
+    def new_job(self, pairs: list[tuple[list[int], list[int]]], params: ScoreParams, **request) -> ScoringJob:
+        return ScoringJob(pairs, params, self.mask_id, **request)
 
     @torch.inference_mode()
     def step(self, work: list[tuple[ScoringJob, int]]) -> ScoreStep:
         """One step's worth of the given units of each job: rows taken now, results written once
         every row's numbers are back."""
-        self.hooks.step_started()
         taken = [(job, *job.take(units)) for job, units in work]
         works, rows_of = [], {}
         for job, greedy, mc in taken:
@@ -164,16 +165,13 @@ class Scorer:
                 rows_of[id(works[-1])] = row
         try:
             decide = functools.partial(self._decide, rows_of=rows_of)
-            outcome = run_step(self.model, works, self.pad_id, self.hooks, HEAD_ROWS, decide)
+            outcome = run_step(self.model, works, HEAD_ROWS, decide, timing=self.timing)
         except BaseException:
             for job, _, mc in taken:
                 job.give_back(mc)
             raise
-        finally:
-            self.hooks.step_finished()
-        for w in works:
-            if id(w) in outcome.values:
-                self._commit(w, rows_of[id(w)], outcome.values[id(w)])
+        for i, value in outcome.values.items():
+            self._commit(works[i], rows_of[id(works[i])], value)
         failed = {id(job) for jobs, _ in outcome.failed for job in jobs}
         ran = 0
         for job, greedy, mc in taken:

@@ -2,7 +2,9 @@
 
 Weights go straight from each memory-mapped shard to the target device and dtype, one tensor at
 a time, into a model whose parameters start on the meta device: the weights are never held
-twice. Nothing in the folder is executed; `auto_map` and `modeling_llada.py` are ignored.
+twice. Nothing in the folder is executed; `auto_map` and `modeling_llada.py` are ignored. The registry
+(models/) picks the architecture from config.json; on CPU the linears then take oneDNN's kernels
+(cpu_kernels.py).
 """
 
 from __future__ import annotations
@@ -16,10 +18,11 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
+from server.engine.cpu_kernels import use_onednn_linears
 from server.engine.devices import resolve_device, resolve_dtype
 from server.engine.errors import CheckpointError
-from server.engine.model import LLaDAModel
-from server.engine.model_config import ModelConfig, read_model_config
+from server.engine.model_config import ModelConfig
+from server.engine.models import architecture_for, build_model
 from server.engine.model_info import ModelInfo
 from server.engine.text_codec import BOS_TOKEN, EOT_TOKEN, MASK_TOKEN, SpecialIds, TextCodec
 
@@ -32,7 +35,7 @@ INDEX_FILE = "model.safetensors.index.json"
 @dataclass
 class LoadedModel:
     name: str
-    model: LLaDAModel
+    model: torch.nn.Module  # one of models/: forward(PackedBatch), logits(hidden)
     codec: TextCodec
     config: ModelConfig
     special: SpecialIds
@@ -85,9 +88,27 @@ def resolve_special_ids(config: ModelConfig, codec: TextCodec) -> SpecialIds:
     )
 
 
+def ready(model: torch.nn.Module) -> torch.nn.Module:
+    """The loaded model as the engine runs it: inference only, CPU kernels swapped in."""
+    return use_onednn_linears(model.eval().requires_grad_(False))
+
+
+def read_config_json(folder: Path) -> dict:
+    path = folder / "config.json"
+    if not path.is_file():
+        raise CheckpointError(f"{folder} has no config.json: is it a LLaDA checkpoint folder?")
+    try:
+        raw = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{path} is not valid JSON: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{path} must hold a JSON object, not {type(raw).__name__}")
+    return raw
+
+
 def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     with torch.device("meta"):
-        model = LLaDAModel(config)
+        model = build_model(config)
     return {name: tuple(t.shape) for name, t in model.state_dict().items()}
 
 
@@ -126,7 +147,7 @@ def read_shard(
     return tensors
 
 
-def load_weights(model: LLaDAModel, files: list[Path], device: torch.device, dtype: torch.dtype) -> None:
+def load_weights(model: torch.nn.Module, files: list[Path], device: torch.device, dtype: torch.dtype) -> None:
     shapes = expected_shapes(model.config)
     loaded: set[str] = set()
     total_bytes = sum(f.stat().st_size for f in files)
@@ -159,14 +180,14 @@ def load_checkpoint(path: str | Path, device: str = "auto", dtype: str = "auto")
     folder = Path(path)
     if not folder.is_dir():
         raise CheckpointError(f"model folder {folder} does not exist or is not a folder")
-    config = read_model_config(folder)
+    raw = read_config_json(folder)
+    config = architecture_for(raw, folder / "config.json").config_class.from_json(raw, folder / "config.json")
     codec = TextCodec.from_folder(folder)
     special = resolve_special_ids(config, codec)
     files = shard_files(folder)
     target_device = resolve_device(device)
     target_dtype = resolve_dtype(dtype, target_device)
     with torch.device("meta"):
-        model = LLaDAModel(config)
+        model = build_model(config)
     load_weights(model, files, target_device, target_dtype)
-    model.eval().requires_grad_(False)
-    return LoadedModel(name=folder.resolve().name, model=model, codec=codec, config=config, special=special)
+    return LoadedModel(name=folder.resolve().name, model=ready(model), codec=codec, config=config, special=special)

@@ -1,15 +1,12 @@
-"""The model's shape and special ids, read from a checkpoint's config.json."""
+"""LLaDA's shape and special ids, read from a checkpoint's config.json."""
 
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from server.engine.errors import CheckpointError
-
-SUPPORTED_MODEL_TYPES = ("llada",)
 
 
 @dataclass(frozen=True)
@@ -77,45 +74,32 @@ class ModelConfig:
             "torch_dtype": "bfloat16",
         }
 
-
-def read_model_config(folder: Path) -> ModelConfig:
-    path = folder / "config.json"
-    if not path.is_file():
-        raise CheckpointError(f"{folder} has no config.json: is it a LLaDA checkpoint folder?")
-    try:
-        raw = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(f"{path} is not valid JSON: {exc}") from exc
-    if not isinstance(raw, dict):
-        raise CheckpointError(f"{path} must hold a JSON object, not {type(raw).__name__}")
-    model_type = raw.get("model_type")
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        raise CheckpointError(
-            f"{path}: model_type {model_type!r} is not supported; this server loads {SUPPORTED_MODEL_TYPES}"
-        )
-    if raw.get("weight_tying"):
-        raise CheckpointError(f"{path}: weight_tying=true is not a LLaDA layout (the LM head is untied)")
-    if raw.get("include_bias"):
-        raise CheckpointError(f"{path}: include_bias=true is not a LLaDA layout (LLaDA has no biases)")
-    required = ("d_model", "n_layers", "n_heads", "vocab_size")
-    missing = [key for key in required if key not in raw]
-    if missing:
-        raise CheckpointError(f"{path} lacks required fields: {', '.join(missing)}")
-    try:
-        n_heads = int(raw["n_heads"])
-        d_model = int(raw["d_model"])
-        fields = {f.name: f.type for f in dataclasses.fields(ModelConfig)}
-        values = {k: (float(raw[k]) if fields[k] == "float" else int(raw[k])) for k in fields if raw.get(k) is not None}
-        values.update(
-            d_model=d_model,
-            n_layers=int(raw["n_layers"]),
-            n_heads=n_heads,
-            n_kv_heads=int(raw.get("n_kv_heads") or n_heads),
-            mlp_hidden_size=int(raw.get("mlp_hidden_size") or int(raw.get("mlp_ratio", 4)) * d_model),
-            vocab_size=int(raw.get("embedding_size") or raw["vocab_size"]),
-        )
-    except (TypeError, ValueError) as exc:
-        raise CheckpointError(f"{path}: a numeric field has a non-numeric value: {exc}") from exc
-    config = ModelConfig(**values)
-    config.validate()
-    return config
+    @classmethod
+    def from_json(cls, raw: dict, path: Path) -> ModelConfig:
+        """The shape from a LLaDA config.json (already parsed; `path` names it in errors)."""
+        if raw.get("weight_tying"):
+            raise CheckpointError(f"{path}: weight_tying=true is not a LLaDA layout (the LM head is untied)")
+        if raw.get("include_bias"):
+            raise CheckpointError(f"{path}: include_bias=true is not a LLaDA layout (LLaDA has no biases)")
+        required = ("d_model", "n_layers", "n_heads", "vocab_size")
+        missing = [key for key in required if key not in raw]
+        if missing:
+            raise CheckpointError(f"{path} lacks required fields: {', '.join(missing)}")
+        try:
+            n_heads = int(raw["n_heads"])
+            d_model = int(raw["d_model"])
+            fields = {f.name: f.type for f in dataclasses.fields(cls)}
+            values = {k: (float(raw[k]) if fields[k] == "float" else int(raw[k])) for k in fields if raw.get(k) is not None}
+            values.update(
+                d_model=d_model,
+                n_layers=int(raw["n_layers"]),
+                n_heads=n_heads,
+                n_kv_heads=int(raw.get("n_kv_heads") or n_heads),
+                mlp_hidden_size=int(raw.get("mlp_hidden_size") or int(raw.get("mlp_ratio", 4)) * d_model),
+                vocab_size=int(raw.get("embedding_size") or raw["vocab_size"]),
+            )
+        except (TypeError, ValueError) as exc:
+            raise CheckpointError(f"{path}: a numeric field has a non-numeric value: {exc}") from exc
+        config = cls(**values)
+        config.validate()
+        return config

@@ -1,6 +1,6 @@
 """The scheduler's vocabulary: jobs, the batch handed to the engine worker, and its errors.
 
-Everything here is plain data. The engine keeps its own per-job state in ``Job.payload``; the
+Everything here is plain data. The engine's request (its per-job state) is ``Job.payload``; the
 scheduler never looks inside it, which is what keeps this package free of torch.
 """
 
@@ -37,11 +37,12 @@ class Job:
     length: int
     rows_per_unit: int
     units: int = 1
-    cache_pages: int = 0  # KV-cache pages it holds while it runs (fast decoding)
+    cache_pages: int = 0  # KV-cache pages each of its rows holds while it runs (fast decoding)
     payload: object = None
     id: str = field(default_factory=_new_id)
     enqueued_at: float = field(default_factory=time.monotonic)
     cancelled: bool = False
+    cache_runs: list[int] = field(default_factory=list)  # first page of each row's run, from admission
 
     @property
     def rows(self) -> int:

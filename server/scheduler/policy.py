@@ -11,23 +11,22 @@ Rules, and why they cannot starve anyone:
   never share a forward and each has its own row budget, so a score job queued behind a
   generate job that cannot fit yet takes nothing from it.
 * Generate capacity: a generate job is admitted only while the running generate jobs' rows
-  stay <= ``max_rows`` and their KV-cache pages (fast decoding) stay within the cache budget.
-  Therefore all running generate jobs always fit into one step by row count, they all step
-  every iteration, and every admitted job's cache can be allocated.
+  stay <= ``max_rows`` and its KV-cache pages (fast decoding) can be reserved now (``reserve``:
+  the scheduler's KV manager). Therefore all running generate jobs always fit into one step by
+  row count, they all step every iteration, and every admitted job holds its cache.
 * Score capacity: score work is time-sliced by units, so a score job is admitted while the
   running score jobs' outstanding rows leave room in the next score forward. That keeps just
   enough score jobs running to fill a forward and leaves the rest visible as queue depth
   (and therefore subject to the bound and to 429).
-* Padding is not decided here: the engine splits a step's rows into forwards of similar
-  length (server/engine/forwards.py, length_groups), so every running generate job steps
-  every iteration.
+* Every running generate job steps every iteration, all in one packed forward
+  (server/engine/runner.py).
 * Kinds alternate (round-robin) when both have work, so a flood of either kind gets at most
   every other step.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 from .jobs import Job, JobKind
 
@@ -37,14 +36,13 @@ def admit(
     generate_rows: int,
     score_rows: int,
     max_rows: int,
-    cache_pages: int = 0,
-    max_cache_pages: int = 0,
+    reserve: Callable[[Job], bool] = lambda job: True,
 ) -> list[Job]:
     """Which waiting jobs (oldest first) join the running set now.
 
     ``generate_rows``: rows of the running generate jobs. ``score_rows``: outstanding rows
-    (units * rows_per_unit) of the running score jobs. ``cache_pages``: the KV-cache pages the
-    running jobs hold. See the module docstring for the rules.
+    (units * rows_per_unit) of the running score jobs. ``reserve(job)`` takes a generate job's
+    KV-cache pages, or says they do not fit now. See the module docstring for the rules.
     """
     admitted: list[Job] = []
     blocked: set[JobKind] = set()
@@ -52,9 +50,8 @@ def admit(
         if job.cancelled or job.kind in blocked:
             continue
         if job.kind is JobKind.GENERATE:
-            if generate_rows + job.rows_per_unit <= max_rows and cache_pages + job.cache_pages <= max_cache_pages:
+            if generate_rows + job.rows_per_unit <= max_rows and reserve(job):
                 generate_rows += job.rows_per_unit
-                cache_pages += job.cache_pages
                 admitted.append(job)
             else:
                 blocked.add(job.kind)

@@ -22,8 +22,12 @@ Iteration-level batching: a job admitted at one ``next_batch`` is in that very b
 finished job frees its rows for the next call. Work accepted before ``close()`` is still served, so a draining server
 finishes in-flight requests.
 
+KV-cache pages: the scheduler's KV manager (kv_pages.py) reserves a job's pages when it is
+admitted (``Job.cache_runs``) and takes them back when it leaves: ``finish``, a cancellation
+reaped here, or ``drain_all``. No other place frees them.
+
 Over-sized jobs: ``submit`` rejects with ``ValueError`` a job whose ``rows_per_unit`` exceeds
-``max_batch_rows`` or whose ``cache_pages`` exceed ``max_cache_pages`` (chosen over "run it
+``max_batch_rows`` or whose cache pages exceed ``max_cache_pages`` (chosen over "run it
 alone": such a job would break the memory budget the bound exists to protect). The API should
 validate earlier and answer 400. A job within the bounds that does not fit now waits.
 """
@@ -38,6 +42,7 @@ from collections.abc import Callable
 from . import policy
 from .admission import AdmissionQueue, DepartureRate
 from .jobs import Batch, Job, JobKind, SchedulerClosed
+from .kv_pages import KVPages
 
 
 class Scheduler:
@@ -53,6 +58,7 @@ class Scheduler:
             raise ValueError("max_batch_rows must be >= 1")
         self.max_batch_rows = max_batch_rows
         self.max_cache_pages = max_cache_pages
+        self._kv = KVPages(max_cache_pages)
         self._clock = clock  # only for the Retry-After estimate; injectable for tests
 
         # One condition guards everything below: the state is small and every operation is
@@ -192,6 +198,8 @@ class Scheduler:
         gauges (``queue_depth``, ``running``) are 0 afterwards.
         """
         with self._cond:
+            for job in self._running.values():
+                self._release_pages(job)
             jobs = self._cancelled + list(self._running.values()) + self._waiting.clear()
             self._cancelled = []
             self._running.clear()
@@ -212,6 +220,11 @@ class Scheduler:
             return len(self._running)
 
     @property
+    def cache_pages_in_use(self) -> int:
+        with self._cond:
+            return self._kv.in_use
+
+    @property
     def closed(self) -> bool:
         with self._cond:
             return self._closed
@@ -229,8 +242,9 @@ class Scheduler:
             raise ValueError("job.rows_per_unit must be >= 1")
         if job.rows_per_unit > self.max_batch_rows:
             raise ValueError(f"job needs {job.rows_per_unit} rows per unit but max_batch_rows is {self.max_batch_rows}")
-        if job.cache_pages > self.max_cache_pages:
-            raise ValueError(f"job needs {job.cache_pages} KV-cache pages but the budget is {self.max_cache_pages}")
+        if job.cache_pages * job.rows_per_unit > self.max_cache_pages:
+            pages = job.cache_pages * job.rows_per_unit
+            raise ValueError(f"job needs {pages} KV-cache pages but the budget is {self.max_cache_pages}")
         if job.kind is JobKind.GENERATE and job.units != 1:
             raise ValueError("generate jobs have exactly 1 unit")
         if job.units < 0:
@@ -239,6 +253,7 @@ class Scheduler:
             raise ValueError("job is already cancelled")
 
     def _forget_running(self, job: Job) -> None:
+        self._release_pages(job)
         self._seq.pop(job.id, None)
         lst = self._running_generate if job.kind is JobKind.GENERATE else self._running_score
         lst[:] = [j for j in lst if j is not job]
@@ -255,16 +270,26 @@ class Scheduler:
             return
         generate_rows = sum(j.rows_per_unit for j in self._running_generate)
         score_rows = sum(j.rows for j in self._running_score)
-        cache_pages = sum(j.cache_pages for j in self._running_generate)
-        admitted = policy.admit(
-            iter(self._waiting), generate_rows, score_rows, self.max_batch_rows, cache_pages, self.max_cache_pages
-        )
+        admitted = policy.admit(iter(self._waiting), generate_rows, score_rows, self.max_batch_rows, self._reserve)
         self._waiting.remove_many(admitted)
         for job in admitted:
             self._running[job.id] = job
             # New generate jobs go behind everyone (they are no more overdue than a job that
             # stepped last iteration), so arrivals can never push an older job out.
             (self._running_generate if job.kind is JobKind.GENERATE else self._running_score).append(job)
+
+    def _reserve(self, job: Job) -> bool:
+        if not job.cache_pages:
+            return True
+        runs = self._kv.allocate([job.cache_pages] * job.rows_per_unit)
+        if runs is None:
+            return False
+        job.cache_runs = runs
+        return True
+
+    def _release_pages(self, job: Job) -> None:
+        self._kv.release([(first, job.cache_pages) for first in job.cache_runs])
+        job.cache_runs = []
 
     def _build_batch(self) -> Batch | None:
         generate_ready = bool(self._running_generate)

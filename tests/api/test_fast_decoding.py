@@ -12,7 +12,10 @@ import threading
 import pytest
 import torch
 
+from server.api.app import create_app
+from server.config import ServerConfig
 from server.engine.demo import build_demo, demo_config
+from server.engine.errors import PoolTooLarge
 from server.engine.events import GenerationDone
 from server.engine.sampling_params import SamplingParams
 from tests.api import assert_error, parse_sse
@@ -121,14 +124,11 @@ def test_a_cache_that_can_never_fit_is_a_400_naming_cache(tiny_model):
         assert generate(client)["approximate"] is False  # exact requests need no cache
 
 
-def test_a_cache_that_cannot_be_allocated_fails_only_its_request(tiny_model):
-    # A budget beyond the address space, as one above a GPU's free memory: the KV pool, made for
-    # the first cached request, cannot be allocated. That request is a 500; the engine goes on.
-    with app_client(tiny_model, max_cache_memory="4096T") as client:
-        response = client.post("/v1/generate", json={**BASE, "cache": "dual"})
-        assert_error(response, 500, "server_error", code="engine_error")
-        assert client.get("/health").status_code == 200
-        assert generate(client)["approximate"] is False
+def test_a_cache_that_cannot_be_allocated_stops_the_app(tiny_model):
+    # A budget beyond the address space, as one above a GPU's free memory: the KV pool is
+    # allocated at start-up, so the app is not made, and the message says what to change.
+    with pytest.raises(PoolTooLarge, match="lower --max-cache-memory"):
+        create_app(ServerConfig(max_cache_memory="4096T"), tiny_model)
 
 
 def test_cached_requests_wait_while_the_cache_is_full_and_the_gauge_returns_to_zero(tiny_model):

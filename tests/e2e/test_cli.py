@@ -61,6 +61,14 @@ def test_unloadable_model_exits_non_zero_with_the_reason(start_server):
     assert "Traceback" not in logs, logs
 
 
+def test_a_kv_pool_that_cannot_be_allocated_stops_the_start(start_server):
+    server = start_server("--max-cache-memory", "4096T", ready=False)
+    assert server.proc.wait(timeout=60) == 1
+    logs = server.logs()
+    assert "cannot start" in logs and "lower --max-cache-memory" in logs, logs
+    assert "Traceback" not in logs, logs
+
+
 def test_no_model_serves_the_demo_and_logs_what_it_serves(start_server):
     server = start_server()
     models = httpx.get(server.url + "/v1/models", timeout=HTTP_TIMEOUT).json()

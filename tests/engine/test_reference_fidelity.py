@@ -20,7 +20,8 @@ import torch
 from server.engine.demo import build_demo, demo_config
 from server.engine.denoiser import generate_batch
 from server.engine.likelihood import ScoreParams, score_pairs
-from server.engine.model import padded_rows
+from server.engine.cpu_kernels import padded_rows
+from server.engine.packed import RowInput, pack
 from server.engine.sampling_params import SamplingParams
 from tests.reference.likelihood import reference_is_greedy, reference_loglikelihood
 from tests.reference.model import reference_logits
@@ -150,16 +151,15 @@ def test_full_logits_padded_batch_rows_match_reference(demo, side):
 
 def test_kept_positions_equal_the_full_forwards_rows(demo):
     """`keep` runs the last layer's output projection and MLP on the kept positions only: their
-    hidden states equal the full forward's, padded rows included."""
+    hidden states equal the full forward's, for rows of two lengths in one packed forward."""
     model = demo.loaded.model
     a, b = PROMPT_C + [demo.mask] * 4, PROMPT_D + [demo.mask] * 6
-    x = torch.tensor([a + [demo.eos] * (len(b) - len(a)), b])
-    key_mask = torch.tensor([[True] * len(a) + [False] * (len(b) - len(a)), [True] * len(b)])[:, None, None, :]
-    keep = torch.tensor([0, 5, len(a) - 1, len(b) + 2, 2 * len(b) - 1])
+    rows, keep = [RowInput(a), RowInput(b)], [[0, 5, len(a) - 1], [2, len(b) - 1]]
     with torch.inference_mode():
-        full = model(x, key_mask).reshape(-1, model.config.d_model)
-        kept = model(x, key_mask, keep=keep)
-    torch.testing.assert_close(kept, full[keep], atol=1e-5, rtol=1e-5)
+        full = model(pack(rows, model.device))
+        kept = model(pack(rows, model.device, keep=keep))
+    flat = keep[0] + [len(a) + k for k in keep[1]]
+    torch.testing.assert_close(kept, full[flat], atol=1e-5, rtol=1e-5)
 
 
 def test_a_linears_rows_do_not_depend_on_the_row_count(demo):

@@ -9,11 +9,12 @@ import math
 import pytest
 import torch
 
-from server.engine import sampling
-from server.engine.choice import ChoiceJob, choose, guide, unpack
+from server.engine import schedule
+from server.engine.sampler import ChoiceJob, choose, guide, unpack
 from server.engine.demo import build_demo, demo_config
 from server.engine.denoiser import Denoiser, generate_batch
-from server.engine.forwards import Work, head_chunks, length_groups
+from server.engine.packed import RowInput
+from server.engine.runner import Work, head_chunks
 from server.engine.likelihood import ScoreParams, Scorer, ScoringJob, score_pairs
 from server.engine.sampling_params import SamplingParams
 
@@ -35,19 +36,19 @@ def prompt(demo) -> list[int]:
 
 
 def test_block_spans():
-    assert sampling.block_spans(32, 8) == [(0, 8), (8, 16), (16, 24), (24, 32)]
-    assert sampling.block_spans(20, 8) == [(0, 8), (8, 16), (16, 20)]
-    assert sampling.block_spans(5, 8) == [(0, 5)]
-    assert sampling.block_spans(8, 8) == [(0, 8)]
-    assert sampling.block_spans(3, 1) == [(0, 1), (1, 2), (2, 3)]
+    assert schedule.block_spans(32, 8) == [(0, 8), (8, 16), (16, 24), (24, 32)]
+    assert schedule.block_spans(20, 8) == [(0, 8), (8, 16), (16, 20)]
+    assert schedule.block_spans(5, 8) == [(0, 5)]
+    assert schedule.block_spans(8, 8) == [(0, 8)]
+    assert schedule.block_spans(3, 1) == [(0, 1), (1, 2), (2, 3)]
 
 
 def test_steps_per_block():
-    assert sampling.steps_per_block(128, 4) == [32, 32, 32, 32]
-    assert sampling.steps_per_block(7, 3) == [3, 2, 2]  # remainder to the first blocks
-    assert sampling.steps_per_block(10, 4) == [3, 3, 2, 2]
-    assert sampling.steps_per_block(2, 4) == [1, 1, 1, 1]  # never a block without a step
-    assert sampling.steps_per_block(1, 1) == [1]
+    assert schedule.steps_per_block(128, 4) == [32, 32, 32, 32]
+    assert schedule.steps_per_block(7, 3) == [3, 2, 2]  # remainder to the first blocks
+    assert schedule.steps_per_block(10, 4) == [3, 3, 2, 2]
+    assert schedule.steps_per_block(2, 4) == [1, 1, 1, 1]  # never a block without a step
+    assert schedule.steps_per_block(1, 1) == [1]
 
 
 def test_transfer_schedule_follows_reference_rule():
@@ -58,11 +59,11 @@ def test_transfer_schedule_follows_reference_rule():
     for masked in range(20):
         for steps in range(1, 12):
             expected = [k for k in reference(masked, steps) if k > 0]
-            assert sampling.transfer_schedule(masked, steps) == expected
-            assert sum(sampling.transfer_schedule(masked, steps)) == masked
-    assert sampling.transfer_schedule(8, 3) == [3, 3, 2]
-    assert sampling.transfer_schedule(3, 5) == [1, 1, 1]  # zero-token steps are dropped
-    assert sampling.transfer_schedule(0, 4) == []
+            assert schedule.transfer_schedule(masked, steps) == expected
+            assert sum(schedule.transfer_schedule(masked, steps)) == masked
+    assert schedule.transfer_schedule(8, 3) == [3, 3, 2]
+    assert schedule.transfer_schedule(3, 5) == [1, 1, 1]  # zero-token steps are dropped
+    assert schedule.transfer_schedule(0, 4) == []
 
 
 def pick(logits: torch.Tensor, jobs: list[ChoiceJob], width: int | None = None) -> list[tuple]:
@@ -177,7 +178,7 @@ def run(demo, prompt, params: SamplingParams):
     job = denoiser.new_job(prompt, params)
     events, finished = [], []
     while not job.finished:
-        (event,) = denoiser.step([job]).events
+        (event,) = denoiser.step([job]).events.values()
         events.append(event)
         finished.append(event.finished)  # read now: `finished` is the job's live state
     return job, events, finished
@@ -187,7 +188,7 @@ def run(demo, prompt, params: SamplingParams):
 def test_step_events_semi_autoregressive(demo, prompt, remasking):
     params = SamplingParams(gen_length=20, block_length=8, steps=7, remasking=remasking, seed=4)
     job, events, finished = run(demo, prompt, params)
-    spans = sampling.block_spans(20, 8)
+    spans = schedule.block_spans(20, 8)
     # 3 blocks get [3, 2, 2] steps; 8 masks over 3 steps, 8 over 2, 4 over 2: 7 events.
     assert len(events) == 7
     assert [len(e.reveals) for e in events] == [3, 3, 2, 4, 4, 2, 2]
@@ -370,26 +371,9 @@ def test_greedy_check(demo, prompt):
 
 
 def test_head_chunks_bound_the_rows_of_one_lm_head_call():
-    works = [Work(None, [0], list(range(n))) for n in (300, 200, 100, 600, 5)]
+    works = [Work(None, RowInput([0]), list(range(n))) for n in (300, 200, 100, 600, 5)]
     chunks = head_chunks(works, 512)
-    assert [[len(w.positions) for w in c] for c in chunks] == [[300, 200], [100], [600], [5]]
+    assert [[len(works[i].positions) for i in c] for c in chunks] == [[300, 200], [100], [600], [5]]
     # a CFG job puts its candidates through twice
-    guided = [Work(None, [0], list(range(200)), uncond=[0]), Work(None, [0], list(range(200)))]
+    guided = [Work(None, RowInput([0]), list(range(200)), uncond=RowInput([0])), Work(None, RowInput([0]), list(range(200)))]
     assert [len(c) for c in head_chunks(guided, 512)] == [1, 1]
-
-
-@pytest.mark.parametrize(
-    "lengths, max_waste, expected",
-    [
-        ([10, 10, 10], 0.0, [[0, 1, 2]]),  # equal lengths: one forward
-        ([10, 40, 11], 0.25, [[0, 2], [1]]),  # 10 and 11 share; 40 would waste far more than 25 %
-        ([100, 90, 80, 10], 0.25, [[3], [2, 1, 0]]),
-        ([5, 50], 1.0, [[0, 1]]),  # no bound: everything in one forward
-    ],
-)
-def test_length_groups_bound_padding_waste(lengths, max_waste, expected):
-    groups = length_groups(lengths, max_waste)
-    assert groups == expected
-    for group in groups:
-        longest = max(lengths[i] for i in group)
-        assert 1 - sum(lengths[i] for i in group) / (len(group) * longest) <= max_waste

@@ -1,11 +1,13 @@
 """A step is a transaction: a step that raises leaves every job exactly as it was (canvas, block,
 counters, generator state, scoring rows and sums), and the engine's retry of an out-of-memory
 step as smaller groups gives every job the tokens of a run without faults. A job that fails
-(its forward, or its setup) fails alone: the loop lives and its KV-cache pages go back."""
+fails without the loop: the loop lives and its KV-cache pages go back. A KV pool that cannot be
+allocated stops the engine's start."""
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import threading
 
 import pytest
@@ -13,9 +15,9 @@ import torch
 
 from server.engine.denoiser import DenoiseJob, Denoiser, generate_batch
 from server.engine.engine import Engine, EngineSettings
+from server.engine.errors import PoolTooLarge
 from server.engine.events import GenerationDone, JobFailed, ScoringDone
-from server.engine.faults import FaultInjector
-from server.engine.hooks import ForwardHooks
+from server.engine.faults import FaultInjector, FaultyModel
 from server.engine.likelihood import Scorer, ScoringJob, score_pairs
 from server.engine.sampling_params import SamplingParams, ScoreParams
 
@@ -37,12 +39,16 @@ def assert_same(before: dict, after: dict) -> None:
             assert before[key] == after[key], key
 
 
-# Counted from the failing step's first forward; these jobs' rows run as two forwards per step.
-# head_rows=1 gives each job an LM-head call of its own, and a `:head` fault strikes the step's
-# last one: the two seeded jobs' tokens are already chosen (their generators drawn) when it raises.
-@pytest.mark.parametrize("fault", ["oom@1", "oom@2", "oom@1:head", "die@2:head"])
+def with_faults(loaded, spec: str | None):
+    return dataclasses.replace(loaded, model=FaultyModel(loaded.model, FaultInjector(spec)))
+
+
+# Counted from the failing step's forward (one per step, whatever its rows). head_rows=1 gives
+# each job an LM-head call of its own, and a `:head` fault strikes the step's last one: the two
+# seeded jobs' tokens are already chosen (their generators drawn) when it raises.
+@pytest.mark.parametrize("fault", ["oom@1", "oom@1:head", "die@1:head"])
 def test_a_step_that_raises_leaves_every_job_as_it_was(tiny_model, fault):
-    denoiser = Denoiser(tiny_model, ForwardHooks(FaultInjector(None)), head_rows=1)
+    denoiser = Denoiser(with_faults(tiny_model, None), head_rows=1)
     seeded = dict(temperature=0.9, remasking="random")
     jobs = [
         denoiser.new_job(PROMPT, SamplingParams(gen_length=12, steps=6, **seeded, seed=3)),
@@ -52,9 +58,9 @@ def test_a_step_that_raises_leaves_every_job_as_it_was(tiny_model, fault):
         denoiser.new_job(PROMPT, SamplingParams(gen_length=16, block_length=8, steps=16)),
     ]
     assert len(denoiser.step(jobs).events) == 3
-    assert denoiser.hooks.faults.forwards == 2  # so oom@2 strikes after the step's first forward ran
+    assert denoiser.model.faults.forwards == 1  # three lengths, a CFG copy: one forward
     before = [denoise_state(job) for job in jobs]
-    denoiser.hooks = ForwardHooks(FaultInjector(fault))
+    denoiser.model = FaultyModel(tiny_model.model, FaultInjector(fault))
     with pytest.raises(BaseException, match="injected"):
         denoiser.step(jobs)
     for job, state in zip(jobs, before):
@@ -76,14 +82,14 @@ def score_state(job: ScoringJob) -> dict:
     }
 
 
-@pytest.mark.parametrize("fault", ["oom@1", "oom@2", "oom@1:head"])
+@pytest.mark.parametrize("fault", ["oom@1", "oom@1:head"])
 def test_a_scoring_step_that_raises_gives_its_rows_back(tiny_model, fault):
     pairs = [(PROMPT, list(b" once upon")), (PROMPT[:5], list(b"ab"))]
     params = ScoreParams(mc_num=6, batch_size=3, greedy=True, cfg_scale=0.5, seed=5)
-    counting = Scorer(tiny_model, ForwardHooks(FaultInjector(None)))
+    counting = Scorer(with_faults(tiny_model, None))
     counting.step([(counting.new_job(pairs, params), 4)])
-    assert counting.hooks.faults.forwards == 2  # two length groups: oom@2 strikes after one ran
-    scorer = Scorer(tiny_model, ForwardHooks(FaultInjector(fault)))
+    assert counting.model.faults.forwards == 1  # two lengths and their CFG copies: one forward
+    scorer = Scorer(with_faults(tiny_model, fault))
     job = scorer.new_job(pairs, params)
     before = score_state(job)
     with pytest.raises(torch.OutOfMemoryError):
@@ -154,13 +160,15 @@ CACHED = [
 
 
 # Cached jobs at block starts and mid-block share the faulty steps with an exact one. A forward's
-# error fails its own jobs; out-of-memory fails the jobs that still run out alone.
+# error fails its own jobs (the step's: they share one forward); out-of-memory fails the jobs that
+# still run out alone.
 @pytest.mark.parametrize("fault", ["error@3", "oom@3-8", "oom@3-8:head"])
 def test_a_fault_with_cached_jobs_in_flight_frees_their_cache(tiny_model, fault):
     finals, engine = run_engine(tiny_model, CACHED, inject_faults=fault)
     clean = generate_batch(tiny_model, [p for p, _ in CACHED], [s for _, s in CACHED])
     failed = [i for i, event in enumerate(finals) if isinstance(event, JobFailed)]
-    assert any(CACHED[i][1].cache != "none" for i in failed) and len(failed) < len(CACHED), finals
+    assert any(CACHED[i][1].cache != "none" for i in failed), finals
+    assert len(failed) == len(CACHED) if fault.startswith("error") else len(failed) < len(CACHED), finals
     for event, tokens in zip(finals, clean):
         if isinstance(event, JobFailed):
             assert event.code == "engine_error", event
@@ -170,29 +178,21 @@ def test_a_fault_with_cached_jobs_in_flight_frees_their_cache(tiny_model, fault)
     assert engine.metrics.registry.get_sample_value("llada_kv_cache_bytes") == 0
 
 
-def test_a_job_that_cannot_start_fails_alone(tiny_model):
-    # A cache budget beyond the address space (as one above a GPU's free memory): the KV pool,
-    # made for the first cached job, cannot be allocated. Only that job fails; the loop goes on.
-    requests = [
-        (PROMPT, SamplingParams(gen_length=8, steps=4)),
-        (PROMPT, SamplingParams(gen_length=8, steps=4, cache="dual")),
-        (PROMPT[:5], SamplingParams(gen_length=8, steps=8, cfg_scale=1.0)),
-    ]
-    finals, _ = run_engine(tiny_model, requests, max_cache_bytes=2**52)
-    assert isinstance(finals[1], JobFailed) and finals[1].code == "engine_error", finals[1]
-    assert "could not start" in finals[1].message
-    clean = generate_batch(tiny_model, [PROMPT, PROMPT[:5]], [requests[0][1], requests[2][1]])
-    assert [finals[0].token_ids, finals[2].token_ids] == clean
+def test_a_pool_that_cannot_be_allocated_stops_the_start(tiny_model):
+    # A cache budget beyond the address space (as one above a GPU's free memory): the engine is
+    # not made, and the message says what to change.
+    with pytest.raises(PoolTooLarge, match="lower --max-cache-memory"):
+        Engine(tiny_model, EngineSettings(max_cache_bytes=2**52))
 
 
 def test_fault_specs_name_forwards_ranges_and_the_head():
-    faults = FaultInjector("error@2, oom@4-5:head, die@7")
+    faults = FaultInjector("error@2, oom@4-5:head, die@7, fatal@9")
     outcomes = []
-    for _ in range(7):
-        faults.step_started()
+    for _ in range(11):
         try:
             faults.before_forward()
-            faults.before_head(last=True)
+            faults.after_forward(3)
+            faults.before_head(3)
             outcomes.append("ok")
         except BaseException as exc:  # noqa: BLE001 - die is a BaseException on purpose
             outcomes.append(f"{type(exc).__name__}: {exc}")
@@ -204,13 +204,17 @@ def test_fault_specs_name_forwards_ranges_and_the_head():
         "OutOfMemoryError: injected out-of-memory at the LM head after forward 5",
         "ok",
         "InjectedDeath: injected engine death at forward 7",
+        "ok",
+        "DeviceFailure: injected device failure at forward 9: the device context is lost",
+        "DeviceFailure: injected device failure at forward 10 (poisoned since forward 9): the device context is lost",
+        "DeviceFailure: injected device failure at forward 11 (poisoned since forward 9): the device context is lost",
     ]
     faults = FaultInjector("oom@1:head")
-    faults.step_started()
     faults.before_forward()
-    faults.before_head(last=False)  # the step's earlier head calls run: their tokens get chosen
+    faults.after_forward(5)
+    faults.before_head(2)  # the step's earlier head calls run: their tokens get chosen
     with pytest.raises(torch.OutOfMemoryError, match="LM head after forward 1"):
-        faults.before_head(last=True)
+        faults.before_head(3)  # the call that reads the forward's last rows
     for bad in ("boom@1", "oom@0", "oom@5-3", "oom", "oom@2:tail"):
         with pytest.raises(ValueError, match="KIND@N or KIND@N-M"):
             FaultInjector(bad)

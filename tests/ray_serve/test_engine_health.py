@@ -1,5 +1,6 @@
-"""A replica's Ray health check is its engine's: an engine loop that dies (injected at its third
-forward) makes Ray replace the replica, and the new one serves."""
+"""A replica's Ray health check is its engine's: an engine loop that dies, or a device failure that
+ends the engine (each injected at its third forward), makes Ray replace the replica, and the new
+one serves."""
 
 from __future__ import annotations
 
@@ -11,11 +12,11 @@ from tests.ray_serve import RayServer
 from tests.support import wait_for
 
 
-@pytest.fixture(scope="module")
-def dying_server(tiny_checkpoint, tmp_path_factory):
+@pytest.fixture(scope="module", params=["die@3", "fatal@3"])
+def dying_server(request, tiny_checkpoint, tmp_path_factory):
     server = RayServer(
         1,
-        ["--device", "cpu", "--model", str(tiny_checkpoint), "--inject-faults", "die@3", "--shutdown-grace", "5"],
+        ["--device", "cpu", "--model", str(tiny_checkpoint), "--inject-faults", request.param, "--shutdown-grace", "5"],
         tmp_path_factory.mktemp("ray") / "cli.log",
     )
     try:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from server.engine.forwards import index, to_device
+from server.engine.device_io import index, to_device
 
 # Candidate rows sampled (float64 noise) or soft-maxed at a time: bounds the [rows, vocab]
 # buffers of a long block.

@@ -1,5 +1,5 @@
 """The sampler's schedule: blocks, steps per block and tokens per step, as pure functions (the
-token choice itself is choice.py).
+token choice itself is sampler.py).
 
 Division rules where the reference asserts exact division (documented in README):
 - blocks: ceil(gen_length / block_length) blocks of block_length, the last one shorter;

@@ -1,0 +1,51 @@
+"""The family's architectures behind one interface, and the registry that picks one from a
+checkpoint's config.json (`architectures` first, then `model_type`: FAMILY.md).
+
+Every model is a plain-PyTorch nn.Module with `forward(batch: PackedBatch) -> hidden states of
+the kept tokens`, `logits(hidden) -> float32 logits`, `config`, `device` and `dtype`; its module
+names are the checkpoint's tensor names, so a state dict loads as it is stored.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from torch import nn
+
+from server.engine.errors import CheckpointError
+from server.engine.model_config import ModelConfig
+from server.engine.models.llada import LLaDAModel
+
+
+@dataclass(frozen=True)
+class Architecture:
+    name: str  # as config.json's `architectures` names it
+    model_types: tuple[str, ...]
+    config_class: type  # with from_json(raw config.json dict, path)
+    model_class: type[nn.Module]
+
+
+ARCHITECTURES = (Architecture("LLaDAModelLM", ("llada",), ModelConfig, LLaDAModel),)
+
+
+def architecture_for(raw: dict, path: Path) -> Architecture:
+    named = [a for a in raw.get("architectures") or [] if isinstance(a, str)]
+    for arch in ARCHITECTURES:
+        if arch.name in named:
+            return arch
+    model_type = raw.get("model_type")
+    for arch in ARCHITECTURES:
+        if not named and model_type in arch.model_types:
+            return arch
+    known = ", ".join(f"{a.name} (model_type {'/'.join(a.model_types)})" for a in ARCHITECTURES)
+    what = f"architectures {named}" if named else f"model_type {model_type!r}"
+    raise CheckpointError(f"{path}: {what} is not supported; this server loads {known}")
+
+
+def build_model(config) -> nn.Module:
+    """The architecture's module for a parsed config (on the current default device)."""
+    for arch in ARCHITECTURES:
+        if type(config) is arch.config_class:
+            return arch.model_class(config)
+    raise TypeError(f"no architecture takes a {type(config).__name__}")

@@ -1,0 +1,77 @@
+"""The layers the family's models share, in plain PyTorch: RMSNorm, rotary embeddings, and
+attention over a packed step (server/engine/packed.py).
+
+Attention runs per sequence over its own keys: a row that attends to itself uses the keys it
+computed in this forward; a row that reads its cache attends to the cache's slots for its whole
+sequence, read in place (a view of the pool, never a copy). Grouped-query heads are folded into
+the query length (each KV head with its group's queries), so every attention call has equal head
+counts and never falls back to the math kernel for GQA.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+if TYPE_CHECKING:
+    from server.engine.packed import PackedBatch
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in fp32 and cast back before the weight, as the published models do.
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+def rotary_tables(head_dim: int, length: int, theta: float, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin [length, head_dim] for positions 0..length-1 (half-split layout), fp32."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
+    angles = torch.outer(torch.arange(length, device=device, dtype=torch.float32), inv_freq)
+    angles = torch.cat([angles, angles], dim=-1)
+    return angles.cos(), angles.sin()
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [tokens, heads, head_dim]; cos, sin [tokens, 1, head_dim]."""
+    x32 = x.float()
+    half = x32.shape[-1] // 2
+    rotated = torch.cat([-x32[..., half:], x32[..., :half]], dim=-1)
+    return (x32 * cos + rotated * sin).to(x.dtype)
+
+
+def attend_one(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Bidirectional attention of one sequence: q [n, heads, d], k and v [keys, kv_heads, d]
+    (any strides: views of a cache are read as they are) -> [n, heads * d]."""
+    n, heads, dim = q.shape
+    kv_heads = k.shape[1]
+    group = heads // kv_heads
+    # head h uses KV head h // group (repeat_interleave, as the published models expand them)
+    folded = q.view(n, kv_heads, group, dim).permute(1, 2, 0, 3).reshape(1, kv_heads, group * n, dim)
+    out = F.scaled_dot_product_attention(folded, k.transpose(0, 1)[None], v.transpose(0, 1)[None])
+    return out.view(kv_heads, group, n, dim).permute(2, 0, 1, 3).reshape(n, heads * dim)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: PackedBatch, layer: int) -> torch.Tensor:
+    """q [tokens, heads, d], k and v [tokens, kv_heads, d] of the packed step (after RoPE) ->
+    [tokens, heads * d]. Rows that keep a cache write their keys and values to it first."""
+    if batch.cache is not None:
+        batch.cache.write(layer, k, v)
+    out = q.new_empty(q.shape[0], q.shape[1] * q.shape[2])
+    for seq in batch.seqs:
+        rows = slice(seq.offset, seq.offset + seq.length)
+        if seq.reads_cache:
+            keys, values = batch.cache.read(layer, seq)
+        else:
+            keys, values = k[rows], v[rows]
+        out[rows] = attend_one(q[rows], keys, values)
+    return out

@@ -1,0 +1,20 @@
+"""What every engine request carries besides its work: its id (the scheduler's job id), where its
+events go, and when it arrived and started. DenoiseJob and ScoringJob extend it, so a request is
+one object from submission to its last event."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+Sink = Callable[[object], None]
+
+
+@dataclass(eq=False, kw_only=True)
+class Request:
+    id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    sink: Sink = print
+    submitted: float = field(default_factory=time.monotonic)
+    started: float | None = None
