@@ -20,4 +20,6 @@ def test_every_setting_is_documented_with_its_flag_and_variable():
 def test_every_cli_flag_is_a_setting():
     flags = {option for action in build_parser()._actions for option in action.option_strings}
     settings = {"--" + f.name.replace("_", "-") for f in dataclasses.fields(ServerConfig)}
-    assert flags - {"-h", "--help"} == settings
+    # a setting on by default also has its --no- form
+    negations = {"--no-" + f.name.replace("_", "-") for f in dataclasses.fields(ServerConfig) if f.default is True}
+    assert flags - {"-h", "--help"} == settings | negations

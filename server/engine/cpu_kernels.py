@@ -34,7 +34,7 @@ class OneDNNLinear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         recorded = torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)
-        if x.device.type != "cpu" or x.dtype == torch.float16 or recorded:
+        if x.device.type != "cpu" or x.dtype != self.weight.dtype or recorded:
             return super().forward(x)
         rows = x.numel() // x.shape[-1]
         flat = x.reshape(rows, x.shape[-1])
@@ -44,11 +44,17 @@ class OneDNNLinear(nn.Linear):
         return out[:rows].view(*x.shape[:-1], out.shape[-1])
 
 
+def onednn_runs(dtype: torch.dtype) -> bool:
+    """Whether this CPU has oneDNN's kernels for the dtype (bf16 needs AVX-512 or AMX)."""
+    if dtype == torch.bfloat16:
+        return _ONEDNN and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    return _ONEDNN and dtype == torch.float32
+
+
 def use_onednn_linears(model: nn.Module) -> nn.Module:
-    """On CPU, every nn.Linear of the model becomes a OneDNNLinear (in place); elsewhere a no-op."""
-    if not _ONEDNN:
-        return model
+    """On CPU, every nn.Linear of the model becomes a OneDNNLinear (in place) where this CPU has
+    the kernels for its dtype; elsewhere a no-op."""
     for module in model.modules():
-        if type(module) is nn.Linear and module.weight.device.type == "cpu":
+        if type(module) is nn.Linear and module.weight.device.type == "cpu" and onednn_runs(module.weight.dtype):
             module.__class__ = OneDNNLinear
     return model

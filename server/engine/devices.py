@@ -33,10 +33,7 @@ def resolve_device(name: str) -> torch.device:
         raise DeviceError(f"device {name!r} was asked for but no CUDA device is available; use --device cpu or auto")
     if name != "cpu" and not name.startswith("cuda"):
         raise DeviceError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N")
-    device = torch.device(name)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
-    return device
+    return torch.device(name)
 
 
 def set_batch_invariance(device: torch.device, on: bool) -> None:

@@ -47,7 +47,7 @@ def test_the_written_model_is_a_full_llada_model_whose_untrained_rows_stay_equal
         rows = weights.get_tensor("model.transformer.ff_out.weight")
     ids = torch.tensor([loaded.codec.encode_chat([{"role": "user", "content": "What does len do?"}]) + [126336] * 8])
     with torch.inference_mode():
-        hidden = loaded.model(ids)
+        hidden = loaded.model.padded_hidden(ids)
         full = torch.log_softmax(loaded.model.logits(hidden), -1)
         normed = loaded.model.model.transformer.ln_f(hidden)
         compact = torch.log_softmax(normed @ rows.T + CompactVocab().logit_offset(), -1)

@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from server.engine.demo import build_demo, demo_config, save_checkpoint
-from server.engine.devices import resolve_device, resolve_dtype
+from server.engine.devices import resolve_device, resolve_dtype, set_batch_invariance
 from server.engine.errors import CheckpointError, DeviceError
 from server.engine.loader import INDEX_FILE, SINGLE_FILE, load_checkpoint
 
@@ -334,19 +334,19 @@ def test_cuda_without_cuda_is_a_device_error(saved):
         load_checkpoint(saved, device="cuda", dtype="auto")
 
 
-def test_cuda_device_turns_off_the_cublas_split_k_workspace(monkeypatch):
+def test_batch_invariance_on_cuda_turns_off_the_cublas_split_k_workspace(monkeypatch):
     # Without it a row's numbers on CUDA depend on how many rows share the forward.
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
-    resolve_device("cpu")
+    set_batch_invariance(torch.device("cpu"), True)  # CPU is batch-invariant as it is
     assert "CUBLAS_WORKSPACE_CONFIG" not in os.environ
-    assert resolve_device("cuda") == torch.device("cuda")
+    set_batch_invariance(torch.device("cuda"), False)  # --no-batch-invariant: cuBLAS as it comes
+    assert "CUBLAS_WORKSPACE_CONFIG" not in os.environ
+    set_batch_invariance(torch.device("cuda"), True)
     assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":0:0"
-    # and attention runs on one kernel for padded and unpadded rows: neither flash nor cuDNN
-    assert not torch.backends.cuda.flash_sdp_enabled() and not torch.backends.cuda.cudnn_sdp_enabled()
-    assert torch.backends.cuda.mem_efficient_sdp_enabled()
+    # cuDNN's attention builds a graph for every new length: never on
+    assert not torch.backends.cuda.cudnn_sdp_enabled()
     monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # the user's own setting stays
-    resolve_device("cuda:0")
+    set_batch_invariance(torch.device("cuda", 0), True)
     assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
 
 

@@ -30,16 +30,15 @@ ARCHITECTURES = (Architecture("LLaDAModelLM", ("llada",), ModelConfig, LLaDAMode
 
 
 def architecture_for(raw: dict, path: Path) -> Architecture:
+    """`architectures` picks; `model_type`, when given, must be one that architecture is known by
+    (copies in the wild disagree on it, so it never picks alone when `architectures` is given)."""
     named = [a for a in raw.get("architectures") or [] if isinstance(a, str)]
-    for arch in ARCHITECTURES:
-        if arch.name in named:
-            return arch
     model_type = raw.get("model_type")
     for arch in ARCHITECTURES:
-        if not named and model_type in arch.model_types:
+        if (arch.name in named or not named) and (model_type in arch.model_types or (named and model_type is None)):
             return arch
     known = ", ".join(f"{a.name} (model_type {'/'.join(a.model_types)})" for a in ARCHITECTURES)
-    what = f"architectures {named}" if named else f"model_type {model_type!r}"
+    what = f"architectures {named} with model_type {model_type!r}" if named else f"model_type {model_type!r}"
     raise CheckpointError(f"{path}: {what} is not supported; this server loads {known}")
 
 
