@@ -39,6 +39,17 @@ class Seq:
     context: int
 
 
+@dataclass(frozen=True)
+class Run:
+    """Consecutive rows that one attention call serves: `count` rows of `length` tokens that
+    attend to themselves, or one row that reads its cache (`reader`)."""
+
+    offset: int
+    count: int
+    length: int
+    reader: Seq | None = None
+
+
 @dataclass
 class PackedBatch:
     ids: torch.Tensor  # [tokens]
@@ -46,6 +57,18 @@ class PackedBatch:
     seqs: list[Seq]
     keep: torch.Tensor | None  # [kept] indices into the tokens; None: every token's hidden state
     cache: CacheWrites | None
+
+    @property
+    def runs(self) -> list[Run]:
+        runs: list[Run] = []
+        for seq in self.seqs:
+            if seq.reads_cache:
+                runs.append(Run(seq.offset, 1, seq.length, seq))
+            elif runs and runs[-1].reader is None and runs[-1].length == seq.length:
+                runs[-1] = Run(runs[-1].offset, runs[-1].count + 1, seq.length)
+            else:
+                runs.append(Run(seq.offset, 1, seq.length))
+        return runs
 
     @property
     def tokens(self) -> int:

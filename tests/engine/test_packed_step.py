@@ -39,13 +39,13 @@ def test_a_cached_row_reads_its_keys_and_values_in_place(tiny_model, monkeypatch
     denoiser, jobs = standalone(tiny_model, [PROMPT, PROMPT[:5]], [params, exact])
     pool = denoiser.pool
     reads, writes = [], []
-    attend_one = layers.attend_one
+    attend = layers.attend
 
     def recording_attend(q, k, v):
-        reads.append((q.shape[0], k, v))
-        return attend_one(q, k, v)
+        reads.append((q.shape[1], k[0], v[0]))
+        return attend(q, k, v)
 
-    monkeypatch.setattr(layers, "attend_one", recording_attend)
+    monkeypatch.setattr(layers, "attend", recording_attend)
     denoiser.step(jobs)  # the dual job's block start: a full forward that fills its cache
     reads.clear()
     original = CacheWrites.write

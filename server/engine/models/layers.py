@@ -49,29 +49,33 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return (x32 * cos + rotated * sin).to(x.dtype)
 
 
-def attend_one(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Bidirectional attention of one sequence: q [n, heads, d], k and v [keys, kv_heads, d]
-    (any strides: views of a cache are read as they are) -> [n, heads * d]."""
-    n, heads, dim = q.shape
-    kv_heads = k.shape[1]
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Bidirectional attention of m sequences of equal length: q [m, n, heads, d], k and v
+    [m, keys, kv_heads, d] (any strides: views of a cache are read as they are) ->
+    [m * n, heads * d]."""
+    m, n, heads, dim = q.shape
+    kv_heads = k.shape[2]
     group = heads // kv_heads
     # head h uses KV head h // group (repeat_interleave, as the published models expand them)
-    folded = q.view(n, kv_heads, group, dim).permute(1, 2, 0, 3).reshape(1, kv_heads, group * n, dim)
-    out = F.scaled_dot_product_attention(folded, k.transpose(0, 1)[None], v.transpose(0, 1)[None])
-    return out.view(kv_heads, group, n, dim).permute(2, 0, 1, 3).reshape(n, heads * dim)
+    folded = q.view(m, n, kv_heads, group, dim).permute(0, 2, 3, 1, 4).reshape(m, kv_heads, group * n, dim)
+    out = F.scaled_dot_product_attention(folded, k.transpose(1, 2), v.transpose(1, 2))
+    return out.view(m, kv_heads, group, n, dim).permute(0, 3, 1, 2, 4).reshape(m * n, heads * dim)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: PackedBatch, layer: int) -> torch.Tensor:
     """q [tokens, heads, d], k and v [tokens, kv_heads, d] of the packed step (after RoPE) ->
-    [tokens, heads * d]. Rows that keep a cache write their keys and values to it first."""
+    [tokens, heads * d]. Rows that keep a cache write their keys and values to it first.
+    Consecutive rows of one length that attend to themselves share one call (views of the packed
+    tensors); a row that reads its cache has a call of its own over its view of the pool."""
     if batch.cache is not None:
         batch.cache.write(layer, k, v)
     out = q.new_empty(q.shape[0], q.shape[1] * q.shape[2])
-    for seq in batch.seqs:
-        rows = slice(seq.offset, seq.offset + seq.length)
-        if seq.reads_cache:
-            keys, values = batch.cache.read(layer, seq)
+    for run in batch.runs:
+        rows = slice(run.offset, run.offset + run.count * run.length)
+        if run.reader is not None:
+            keys, values = batch.cache.read(layer, run.reader)
+            keys, values = keys[None], values[None]
         else:
-            keys, values = k[rows], v[rows]
-        out[rows] = attend_one(q[rows], keys, values)
+            keys, values = k[rows].unflatten(0, (run.count, run.length)), v[rows].unflatten(0, (run.count, run.length))
+        out[rows] = attend(q[rows].unflatten(0, (run.count, run.length)), keys, values)
     return out
