@@ -132,7 +132,8 @@ async def health(request: Request) -> JSONResponse:
 @router.get("/v1/models", response_model=ModelList, responses=COMMON)
 async def models(request: Request) -> ModelList:
     state = state_of(request)
-    return ModelList(data=[ModelCard(id=state.info.name, created=int(state.started_at))])
+    info = state.info
+    return ModelList(data=[ModelCard(id=info.name, created=int(state.started_at), family=info.family)])
 
 
 @router.get(

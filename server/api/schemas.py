@@ -183,6 +183,7 @@ class ModelCard(BaseModel):
     object: Literal["model"] = "model"
     created: int
     owned_by: str = "llada-server"
+    family: str = Field(description="the checkpoint's architecture (config.json `architectures`), e.g. LLaDAModelLM")
 
 
 class ModelList(BaseModel):

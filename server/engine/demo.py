@@ -73,6 +73,9 @@ def demo_config(**overrides) -> ModelConfig:
         mlp_hidden_size=176,
         vocab_size=126464,
         max_sequence_length=4096,
+        mask_token_id=126336,
+        eos_token_id=126081,
+        pad_token_id=126081,
     )
     return dataclasses.replace(base, **overrides)
 
@@ -200,7 +203,12 @@ def save_checkpoint(
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "config.json").write_text(json.dumps(loaded.config.to_json_dict(), indent=2))
     write_tokenizer(folder)
-    state = {name: t.detach().to("cpu", dtype or t.dtype).contiguous() for name, t in loaded.model.state_dict().items()}
+    tied = set(loaded.model.tied_parameters)
+    state = {
+        name: t.detach().to("cpu", dtype or t.dtype).contiguous()
+        for name, t in loaded.model.state_dict().items()
+        if name not in tied
+    }
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
     for name, tensor in state.items():

@@ -22,9 +22,9 @@ from server.engine.cpu_kernels import use_onednn_linears
 from server.engine.devices import resolve_device, resolve_dtype
 from server.engine.errors import CheckpointError
 from server.engine.model_config import ModelConfig
-from server.engine.models import architecture_for, build_model
+from server.engine.models import architecture_for, architecture_of, build_model
 from server.engine.model_info import ModelInfo
-from server.engine.text_codec import BOS_TOKEN, EOT_TOKEN, MASK_TOKEN, SpecialIds, TextCodec
+from server.engine.text_codec import BOS_TOKEN, MASK_TOKENS, SpecialIds, TextCodec
 
 log = logging.getLogger("llada.engine")
 
@@ -52,6 +52,7 @@ class LoadedModel:
     def info(self) -> ModelInfo:
         return ModelInfo(
             name=self.name,
+            family=architecture_of(self.config).name,
             vocab_size=self.config.vocab_size,
             max_sequence_length=self.config.max_sequence_length,
             special=self.special,
@@ -61,31 +62,36 @@ class LoadedModel:
         )
 
 
-def resolve_special_ids(config: ModelConfig, codec: TextCodec) -> SpecialIds:
-    """Special ids come from the checkpoint; the tokenizer must agree with config.json."""
+def resolve_special_ids(config, codec: TextCodec) -> SpecialIds:
+    """Special ids come from the checkpoint: config.json's where it gives them, else the
+    tokenizer's; where both give one, they must agree. Nothing is assumed from LLaDA-8B's ids."""
     max_id = codec.max_token_id
     if max_id >= config.vocab_size:
         raise CheckpointError(
             f"the tokenizer has token id {max_id} but config.json's vocab_size is {config.vocab_size}"
         )
-    mask_in_tokenizer = codec.token_id(MASK_TOKEN)
-    if mask_in_tokenizer is not None and mask_in_tokenizer != config.mask_token_id:
+    mask_token, mask_in_tokenizer = codec.mask_token()
+    mask = config.mask_token_id if config.mask_token_id is not None else mask_in_tokenizer
+    if mask is None:
         raise CheckpointError(
-            f"tokenizer has {MASK_TOKEN} at id {mask_in_tokenizer} but config.json says mask_token_id "
-            f"{config.mask_token_id}"
+            f"neither config.json (mask_token_id) nor the tokenizer (mask_token, or one of {MASK_TOKENS}) "
+            "names the mask token: a diffusion model needs it"
+        )
+    if mask_in_tokenizer is not None and mask_in_tokenizer != mask:
+        raise CheckpointError(
+            f"tokenizer has {mask_token} at id {mask_in_tokenizer} but config.json says mask_token_id {mask}"
         )
     eos_in_tokenizer = codec.tokenizer.eos_token_id
-    if eos_in_tokenizer is not None and eos_in_tokenizer != config.eos_token_id:
-        raise CheckpointError(
-            f"tokenizer's eos_token has id {eos_in_tokenizer} but config.json says eos_token_id {config.eos_token_id}"
-        )
+    eos = config.eos_token_id if config.eos_token_id is not None else eos_in_tokenizer
+    if eos is None:
+        raise CheckpointError("neither config.json (eos_token_id) nor the tokenizer (eos_token) names EOS")
+    if eos_in_tokenizer is not None and eos_in_tokenizer != eos:
+        raise CheckpointError(f"tokenizer's eos_token has id {eos_in_tokenizer} but config.json says eos_token_id {eos}")
+    for name, value in (("mask_token_id", mask), ("eos_token_id", eos)):
+        if not 0 <= value < config.vocab_size:
+            raise CheckpointError(f"{name} {value} is outside vocab_size {config.vocab_size}")
     bos = codec.tokenizer.bos_token_id
-    return SpecialIds(
-        mask=config.mask_token_id,
-        eos=config.eos_token_id,
-        eot=codec.token_id(EOT_TOKEN),
-        bos=bos if bos is not None else codec.token_id(BOS_TOKEN),
-    )
+    return SpecialIds(mask=mask, eos=eos, eot=codec.end_of_turn(), bos=bos if bos is not None else codec.token_id(BOS_TOKEN))
 
 
 def ready(model: torch.nn.Module) -> torch.nn.Module:
@@ -106,10 +112,10 @@ def read_config_json(folder: Path) -> dict:
     return raw
 
 
-def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
-    with torch.device("meta"):
-        model = build_model(config)
-    return {name: tuple(t.shape) for name, t in model.state_dict().items()}
+def expected_shapes(model: torch.nn.Module) -> dict[str, tuple[int, ...]]:
+    """The tensors a checkpoint must hold: the model's state dict less the tied aliases."""
+    tied = set(model.tied_parameters)
+    return {name: tuple(t.shape) for name, t in model.state_dict().items() if name not in tied}
 
 
 def shard_files(folder: Path) -> list[Path]:
@@ -137,7 +143,7 @@ def read_shard(
     with safe_open(str(path), framework="pt", device="cpu") as shard:
         for name in shard.keys():
             if name not in shapes:
-                raise CheckpointError(f"{path.name}: unexpected tensor {name!r}, not part of a LLaDA model")
+                raise CheckpointError(f"{path.name}: unexpected tensor {name!r}, not part of this architecture")
             shape = tuple(shard.get_slice(name).get_shape())
             if shape != shapes[name]:
                 raise CheckpointError(
@@ -148,7 +154,7 @@ def read_shard(
 
 
 def load_weights(model: torch.nn.Module, files: list[Path], device: torch.device, dtype: torch.dtype) -> None:
-    shapes = expected_shapes(model.config)
+    shapes = expected_shapes(model)
     loaded: set[str] = set()
     total_bytes = sum(f.stat().st_size for f in files)
     done_bytes, start = 0, time.monotonic()
@@ -174,6 +180,7 @@ def load_weights(model: torch.nn.Module, files: list[Path], device: torch.device
     if missing:
         shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
         raise CheckpointError(f"the checkpoint lacks tensors: {shown}")
+    model.tie_weights()
 
 
 def load_checkpoint(path: str | Path, device: str = "auto", dtype: str = "auto") -> LoadedModel:

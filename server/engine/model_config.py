@@ -1,4 +1,5 @@
-"""LLaDA's shape and special ids, read from a checkpoint's config.json."""
+"""LLaDA's shape and special ids, read from a checkpoint's config.json: LLaDA-8B, LLaDA 1.5 and
+iLLaDA share the architecture and the config keys of LLaDA's published `modeling_llada.py`."""
 
 from __future__ import annotations
 
@@ -7,6 +8,23 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from server.engine.errors import CheckpointError
+
+# Keys of LLaDA's config space whose other values this server does not implement: key -> the
+# values it does (a key left out of config.json takes LLaDA's default, the first value).
+SUPPORTED_VALUES = {
+    "include_bias": (False,),
+    "bias_for_layer_norm": (False, None),
+    "layer_norm_type": ("rms",),
+    "activation_type": ("silu", "swiglu"),
+    "block_type": ("llama",),
+    "rope": (True,),
+    "alibi": (False,),
+    "attention_layer_norm": (False,),
+    "clip_qkv": (None,),
+    "scale_logits": (False,),
+    "multi_query_attention": (None, False),
+    "rope_full_precision": (True,),
+}
 
 
 @dataclass(frozen=True)
@@ -20,9 +38,11 @@ class ModelConfig:
     rope_theta: float = 500000.0
     rms_norm_eps: float = 1e-5
     max_sequence_length: int = 4096
-    mask_token_id: int = 126336
-    eos_token_id: int = 126081
-    pad_token_id: int = 126081
+    weight_tying: bool = False  # the LM head is the embedding matrix (iLLaDA)
+    # None: the tokenizer names it (loader.resolve_special_ids)
+    mask_token_id: int | None = None
+    eos_token_id: int | None = None
+    pad_token_id: int | None = None
 
     @property
     def head_dim(self) -> int:
@@ -40,14 +60,10 @@ class ModelConfig:
             )
         if self.head_dim % 2:
             raise CheckpointError(f"config.json: head dim {self.head_dim} must be even for rotary embeddings")
-        for name in ("mask_token_id", "eos_token_id"):
-            if not 0 <= getattr(self, name) < self.vocab_size:
-                raise CheckpointError(
-                    f"config.json: {name} {getattr(self, name)} is outside vocab_size {self.vocab_size}"
-                )
 
     def to_json_dict(self) -> dict:
         """The config.json a real LLaDA checkpoint carries, for this shape."""
+        ids = {k: getattr(self, k) for k in ("mask_token_id", "eos_token_id", "pad_token_id") if getattr(self, k) is not None}
         return {
             "architectures": ["LLaDAModelLM"],
             "model_type": "llada",
@@ -62,10 +78,8 @@ class ModelConfig:
             "rope_theta": self.rope_theta,
             "rms_norm_eps": self.rms_norm_eps,
             "max_sequence_length": self.max_sequence_length,
-            "mask_token_id": self.mask_token_id,
-            "eos_token_id": self.eos_token_id,
-            "pad_token_id": self.pad_token_id,
-            "weight_tying": False,
+            **ids,
+            "weight_tying": self.weight_tying,
             "include_bias": False,
             "layer_norm_type": "rms",
             "activation_type": "silu",
@@ -77,10 +91,12 @@ class ModelConfig:
     @classmethod
     def from_json(cls, raw: dict, path: Path) -> ModelConfig:
         """The shape from a LLaDA config.json (already parsed; `path` names it in errors)."""
-        if raw.get("weight_tying"):
-            raise CheckpointError(f"{path}: weight_tying=true is not a LLaDA layout (the LM head is untied)")
-        if raw.get("include_bias"):
-            raise CheckpointError(f"{path}: include_bias=true is not a LLaDA layout (LLaDA has no biases)")
+        for key, accepted in SUPPORTED_VALUES.items():
+            if key in raw and raw[key] not in accepted:
+                raise CheckpointError(
+                    f"{path}: {key}={raw[key]!r} is not supported (this server implements {key} "
+                    f"{' or '.join(repr(a) for a in accepted)})"
+                )
         required = ("d_model", "n_layers", "n_heads", "vocab_size")
         missing = [key for key in required if key not in raw]
         if missing:
@@ -89,7 +105,8 @@ class ModelConfig:
             n_heads = int(raw["n_heads"])
             d_model = int(raw["d_model"])
             fields = {f.name: f.type for f in dataclasses.fields(cls)}
-            values = {k: (float(raw[k]) if fields[k] == "float" else int(raw[k])) for k in fields if raw.get(k) is not None}
+            kinds = {"float": float, "bool": bool}
+            values = {k: kinds.get(fields[k], int)(raw[k]) for k in fields if raw.get(k) is not None}
             values.update(
                 d_model=d_model,
                 n_layers=int(raw["n_layers"]),

@@ -11,6 +11,7 @@ from server.engine.text_codec import SpecialIds, TextCodec
 @dataclass(frozen=True)
 class ModelInfo:
     name: str
+    family: str  # the architecture, as config.json's `architectures` names it
     vocab_size: int
     max_sequence_length: int
     special: SpecialIds

@@ -15,9 +15,11 @@ from transformers import PreTrainedTokenizerFast
 
 from server.engine.errors import CheckpointError
 
-EOT_TOKEN = "<|eot_id|>"
+# The family's token strings, for checkpoints whose tokenizer_config.json does not name them:
+# LLaDA's and LLaDA-MoE / LLaDA2's (FAMILY.md).
+EOT_TOKENS = ("<|eot_id|>", "<|role_end|>")
 BOS_TOKEN = "<|startoftext|>"
-MASK_TOKEN = "<|mdm_mask|>"
+MASK_TOKENS = ("<|mdm_mask|>", "<|mask|>")
 SPECIAL_TOKEN_FIELDS = ("bos_token", "eos_token", "pad_token", "unk_token", "mask_token")
 
 
@@ -73,6 +75,19 @@ class TextCodec:
 
     def token_id(self, token: str) -> int | None:
         return self.tokenizer.get_vocab().get(token)
+
+    def mask_token(self) -> tuple[str | None, int | None]:
+        """The tokenizer's mask token and its id: its `mask_token`, else a family mask string."""
+        if self.tokenizer.mask_token is not None:
+            return self.tokenizer.mask_token, self.tokenizer.mask_token_id
+        for token in MASK_TOKENS:
+            if self.token_id(token) is not None:
+                return token, self.token_id(token)
+        return None, None
+
+    def end_of_turn(self) -> int | None:
+        """The end-of-turn token that closes a chat answer, where the tokenizer has one."""
+        return next((self.token_id(t) for t in EOT_TOKENS if self.token_id(t) is not None), None)
 
     @property
     def max_token_id(self) -> int:

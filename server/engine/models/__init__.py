@@ -16,6 +16,7 @@ from torch import nn
 from server.engine.errors import CheckpointError
 from server.engine.model_config import ModelConfig
 from server.engine.models.llada import LLaDAModel
+from server.engine.models.llada_moe import LLaDAMoEConfig, LLaDAMoEModel
 
 
 @dataclass(frozen=True)
@@ -26,7 +27,12 @@ class Architecture:
     model_class: type[nn.Module]
 
 
-ARCHITECTURES = (Architecture("LLaDAModelLM", ("llada",), ModelConfig, LLaDAModel),)
+ARCHITECTURES = (
+    Architecture("LLaDAModelLM", ("llada",), ModelConfig, LLaDAModel),
+    # its copies in the wild say model_type "llada" or "lladamoe" (or "llada_moe"): named by
+    # `architectures`, it is never taken for LLaDA-8B's by model_type alone
+    Architecture("LLaDAMoEModelLM", ("llada", "lladamoe", "llada_moe"), LLaDAMoEConfig, LLaDAMoEModel),
+)
 
 
 def architecture_for(raw: dict, path: Path) -> Architecture:
@@ -34,7 +40,7 @@ def architecture_for(raw: dict, path: Path) -> Architecture:
     (copies in the wild disagree on it, so it never picks alone when `architectures` is given)."""
     named = [a for a in raw.get("architectures") or [] if isinstance(a, str)]
     model_type = raw.get("model_type")
-    for arch in ARCHITECTURES:
+    for arch in ARCHITECTURES:  # in order: model_type "llada" alone means LLaDA-8B's layout
         if (arch.name in named or not named) and (model_type in arch.model_types or (named and model_type is None)):
             return arch
     known = ", ".join(f"{a.name} (model_type {'/'.join(a.model_types)})" for a in ARCHITECTURES)
@@ -42,9 +48,10 @@ def architecture_for(raw: dict, path: Path) -> Architecture:
     raise CheckpointError(f"{path}: {what} is not supported; this server loads {known}")
 
 
+def architecture_of(config) -> Architecture:
+    return next(arch for arch in ARCHITECTURES if type(config) is arch.config_class)
+
+
 def build_model(config) -> nn.Module:
     """The architecture's module for a parsed config (on the current default device)."""
-    for arch in ARCHITECTURES:
-        if type(config) is arch.config_class:
-            return arch.model_class(config)
-    raise TypeError(f"no architecture takes a {type(config).__name__}")
+    return architecture_of(config).model_class(config)

@@ -15,8 +15,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from server.engine.model_config import ModelConfig
-from server.engine.models.layers import RMSNorm, apply_rotary, attention, rotary_tables
-from server.engine.packed import PackedBatch, RowInput, pack
+from server.engine.models.base import PackedModel
+from server.engine.models.layers import RMSNorm, apply_rotary, attention
+from server.engine.packed import PackedBatch
 
 
 class LLaDABlock(nn.Module):
@@ -64,6 +65,7 @@ class LLaDATransformer(nn.Module):
         self.wte = nn.Embedding(config.vocab_size, config.d_model)
         self.blocks = nn.ModuleList(LLaDABlock(config) for _ in range(config.n_layers))
         self.ln_f = RMSNorm(config.d_model, config.rms_norm_eps)
+        # with weight_tying (iLLaDA) the head's weight is the embedding matrix: see tie_weights
         self.ff_out = nn.Linear(config.d_model, config.vocab_size, bias=False)
 
 
@@ -73,28 +75,27 @@ class _Backbone(nn.Module):
         self.transformer = LLaDATransformer(config)
 
 
-class LLaDAModel(nn.Module):
+class LLaDAModel(PackedModel):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
         self.model = _Backbone(config)
-        self._rotary: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.tie_weights()
 
     @property
-    def device(self) -> torch.device:
-        return self.model.transformer.wte.weight.device
+    def embedding(self) -> nn.Embedding:
+        return self.model.transformer.wte
 
     @property
-    def dtype(self) -> torch.dtype:
-        return self.model.transformer.wte.weight.dtype
+    def tied_parameters(self) -> tuple[str, ...]:
+        """State-dict names that alias another parameter: not stored in a checkpoint."""
+        return ("model.transformer.ff_out.weight",) if self.config.weight_tying else ()
 
-    def rotary(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos and sin for every position up to max_sequence_length, fp32 on the model's device:
-        made once (weights load on the meta device first, so not in __init__)."""
-        if self._rotary is None or self._rotary[0].device != self.device:
-            c = self.config
-            self._rotary = rotary_tables(c.head_dim, c.max_sequence_length, c.rope_theta, self.device)
-        return self._rotary
+    def tie_weights(self) -> None:
+        """With weight_tying, the LM head reads the embedding matrix (again, after loading)."""
+        if self.config.weight_tying:
+            t = self.model.transformer
+            t.ff_out.weight = t.wte.weight
 
     def forward(self, batch: PackedBatch) -> torch.Tensor:
         """Hidden states before the final norm of the tokens batch.keep names ([kept, d_model]),
@@ -102,8 +103,7 @@ class LLaDAModel(nn.Module):
         (attention, the cache) but its output projection and MLP only the kept tokens'."""
         t = self.model.transformer
         x = t.wte(batch.ids)
-        cos, sin = self.rotary()
-        cos, sin = cos[batch.positions][:, None], sin[batch.positions][:, None]
+        cos, sin = self.rotary_at(batch.positions)
         last = len(t.blocks) - 1
         for layer, block in enumerate(t.blocks):
             x = block(x, cos, sin, batch, layer, batch.keep if layer == last else None)
@@ -113,18 +113,3 @@ class LLaDAModel(nn.Module):
         """LM head on the given hidden states only, as float32."""
         t = self.model.transformer
         return t.ff_out(t.ln_f(hidden)).float()
-
-    def padded_hidden(self, input_ids: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """[batch, length, d_model] for padded rows (key_mask [batch, length], True on real tokens,
-        which count positions from 0; padding holds zeros): each row one sequence of a packed
-        forward (training, tests, benches)."""
-        real = torch.ones_like(input_ids, dtype=torch.bool) if key_mask is None else key_mask.bool()
-        rows = [RowInput(ids[keep].tolist()) for ids, keep in zip(input_ids, real)]
-        hidden = self(pack(rows, input_ids.device))
-        out = hidden.new_zeros(*input_ids.shape, hidden.shape[-1])
-        out[real] = hidden
-        return out
-
-    def full_logits(self, input_ids: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits at every position; key_mask [batch, length] True on real tokens (tests, benches)."""
-        return self.logits(self.padded_hidden(input_ids, key_mask))

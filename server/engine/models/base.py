@@ -1,0 +1,59 @@
+"""What every model of the family shares around its layers: where it lives, the rotary tables,
+and the padded-batch helpers that tests, benches and training use."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from server.engine.models.layers import rotary_tables
+from server.engine.packed import RowInput, pack
+
+
+class PackedModel(nn.Module):
+    """Subclasses set `config` (with head_dim, rope_theta, max_sequence_length), implement
+    `forward(batch) -> hidden states of the kept tokens`, `logits(hidden)` and `embedding`."""
+
+    tied_parameters: tuple[str, ...] = ()
+    rotary_dims: int | None = None  # rotated dims of a head (all when None)
+
+    def tie_weights(self) -> None:
+        """Re-point aliased parameters after loading (models with a tied head override it)."""
+
+    @property
+    def device(self) -> torch.device:
+        return self.embedding.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embedding.weight.dtype
+
+    def rotary(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin for every position up to max_sequence_length, fp32 on the model's device:
+        made once (weights load on the meta device first, so not in __init__)."""
+        cached = getattr(self, "_rotary", None)
+        if cached is None or cached[0].device != self.device:
+            c = self.config
+            dims = self.rotary_dims or c.head_dim
+            self._rotary = rotary_tables(dims, c.max_sequence_length, c.rope_theta, self.device)
+        return self._rotary
+
+    def rotary_at(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin [tokens, 1, dims] at the packed tokens' absolute positions."""
+        cos, sin = self.rotary()
+        return cos[positions][:, None], sin[positions][:, None]
+
+    def padded_hidden(self, input_ids: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """[batch, length, hidden] for padded rows (key_mask [batch, length], True on real
+        tokens, which count positions from 0; padding holds zeros): each row one sequence of a
+        packed forward (training, tests, benches)."""
+        real = torch.ones_like(input_ids, dtype=torch.bool) if key_mask is None else key_mask.bool()
+        rows = [RowInput(ids[keep].tolist()) for ids, keep in zip(input_ids, real)]
+        hidden = self(pack(rows, input_ids.device))
+        out = hidden.new_zeros(*input_ids.shape, hidden.shape[-1])
+        out[real] = hidden
+        return out
+
+    def full_logits(self, input_ids: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits at every position; key_mask [batch, length] True on real tokens (tests, benches)."""
+        return self.logits(self.padded_hidden(input_ids, key_mask))

@@ -1,0 +1,242 @@
+"""LLaDA-MoE (LLaDAMoEModelLM, e.g. LLaDA-MoE-7B-A1B) in plain PyTorch: a bidirectional
+transformer whose MLPs are mixtures of SwiGLU experts (FAMILY.md).
+
+Per layer: RMSNorm, q/k/v projections, a per-head RMSNorm on q and k (over head_dim, before
+RoPE), RoPE, bidirectional attention (models/layers.py), the output projection; RMSNorm, then
+the experts: a softmax router over all experts in fp32, the top k per token, weights not
+renormalised (unless norm_topk_prob), each token's output the weighted sum of its experts'.
+Expert dispatch is batched over the step's tokens: tokens sorted by expert, one matmul per
+active expert, so a step's cost grows with its tokens, not with its requests. Module names are
+the published tensor names (`model.layers.N.mlp.experts.E.gate_proj.weight`, ...).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from server.engine.errors import CheckpointError
+from server.engine.models.base import PackedModel
+from server.engine.models.layers import RMSNorm, apply_rotary, attention
+from server.engine.packed import PackedBatch
+
+# Keys of the published configuration whose other values this server does not implement.
+SUPPORTED_VALUES = {
+    "hidden_act": ("silu",),
+    "qk_layernorm": (True,),
+    "moe_router_score_function": ("softmax",),
+    "moe_router_enable_expert_bias": (False,),
+    "shared_expert_intermediate_size": (None,),
+    "attention_bias": (False,),
+    "clip_qkv": (None,),
+    "tie_word_embeddings": (False,),
+    "router_num_group": (None,),
+    "rope_scaling": (None,),
+}
+
+
+@dataclass(frozen=True)
+class LLaDAMoEConfig:
+    hidden_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    vocab_size: int
+    num_experts: int
+    num_experts_per_tok: int
+    expert_intermediate_size: int
+    dense_intermediate_size: int = 8192
+    moe_layer_freq: tuple[int, ...] = ()  # 1: a MoE layer, 0: a dense one (empty: all MoE)
+    rope_theta: float = 50000.0
+    partial_rotary_factor: float = 1.0
+    rms_norm_eps: float = 1e-5
+    max_position_embeddings: int = 8192
+    norm_topk_prob: bool = False
+    routed_scaling_factor: float = 1.0
+    eos_token_id: int | None = None
+    pad_token_id: int | None = None
+    # Published copies disagree on config.json's mask_token_id (one says EOS's id): the
+    # tokenizer's <|mask|> is the one (FAMILY.md), so it is never read from config.json.
+    mask_token_id: int | None = None
+
+    # the names the engine reads of every architecture's config
+    @property
+    def n_layers(self) -> int:
+        return self.num_hidden_layers
+
+    @property
+    def n_kv_heads(self) -> int:
+        return self.num_key_value_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def max_sequence_length(self) -> int:
+        return self.max_position_embeddings
+
+    def is_moe(self, layer: int) -> bool:
+        return not self.moe_layer_freq or bool(self.moe_layer_freq[layer])
+
+    @classmethod
+    def from_json(cls, raw: dict, path: Path) -> LLaDAMoEConfig:
+        for key, accepted in SUPPORTED_VALUES.items():
+            if key in raw and raw[key] not in accepted:
+                raise CheckpointError(
+                    f"{path}: {key}={raw[key]!r} is not supported (this server implements {key} "
+                    f"{' or '.join(repr(a) for a in accepted)})"
+                )
+        fields = {f.name: f.type for f in dataclasses.fields(cls)}
+        required = [f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING]
+        missing = [key for key in required if key not in raw]
+        if missing:
+            raise CheckpointError(f"{path} lacks required fields: {', '.join(missing)}")
+        kinds = {"float": float, "bool": bool, "int": int, "int | None": int}
+        try:
+            values = {
+                k: kinds[fields[k]](raw[k]) for k in fields if k not in ("moe_layer_freq", "mask_token_id") and raw.get(k) is not None
+            }
+            values["moe_layer_freq"] = tuple(int(v) for v in raw.get("moe_layer_freq") or ())
+        except (TypeError, ValueError) as exc:
+            raise CheckpointError(f"{path}: a numeric field has a non-numeric value: {exc}") from exc
+        config = cls(**values)
+        if config.hidden_size % config.num_attention_heads or config.num_attention_heads % config.num_key_value_heads:
+            raise CheckpointError(
+                f"{path}: hidden_size {config.hidden_size}, num_attention_heads {config.num_attention_heads} and "
+                f"num_key_value_heads {config.num_key_value_heads} do not divide into heads"
+            )
+        if config.moe_layer_freq and len(config.moe_layer_freq) != config.num_hidden_layers:
+            raise CheckpointError(f"{path}: moe_layer_freq needs one entry per layer ({config.num_hidden_layers})")
+        if not 0 < config.num_experts_per_tok <= config.num_experts:
+            raise CheckpointError(f"{path}: num_experts_per_tok must be between 1 and num_experts")
+        return config
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x)); an expert, or a dense layer's MLP."""
+
+    def __init__(self, hidden: int, intermediate: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.up_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.down_proj = nn.Linear(intermediate, hidden, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class SparseMoE(nn.Module):
+    def __init__(self, config: LLaDAMoEConfig):
+        super().__init__()
+        self.top_k = config.num_experts_per_tok
+        self.normalise = config.norm_topk_prob
+        self.gate = nn.Linear(config.hidden_size, config.num_experts, bias=False)
+        self.experts = nn.ModuleList(
+            MLP(config.hidden_size, config.expert_intermediate_size) for _ in range(config.num_experts)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [tokens, hidden]: each token through its top-k experts, tokens grouped by expert."""
+        probabilities = torch.softmax(self.gate(x).float(), dim=-1)
+        weights, chosen = probabilities.topk(self.top_k, dim=-1)
+        if self.normalise:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        weights = weights.to(x.dtype).flatten()
+        flat = chosen.flatten()
+        order = flat.argsort(stable=True)  # (token, slot) pairs grouped by expert
+        # the one host read of the layer: how many tokens each expert takes
+        counts = torch.bincount(flat, minlength=len(self.experts)).tolist()
+        out = torch.zeros_like(x)
+        at = 0
+        for expert, count in zip(self.experts, counts):
+            if count:
+                pairs = order[at : at + count]
+                tokens = pairs // self.top_k
+                out.index_add_(0, tokens, expert(x[tokens]) * weights[pairs, None])
+                at += count
+        return out
+
+
+class Attention(nn.Module):
+    def __init__(self, config: LLaDAMoEConfig):
+        super().__init__()
+        d, heads, kv, dim = config.hidden_size, config.num_attention_heads, config.num_key_value_heads, config.head_dim
+        self.heads, self.kv_heads, self.head_dim = heads, kv, dim
+        self.rotary_dims = int(dim * config.partial_rotary_factor)
+        self.q_proj = nn.Linear(d, heads * dim, bias=False)
+        self.k_proj = nn.Linear(d, kv * dim, bias=False)
+        self.v_proj = nn.Linear(d, kv * dim, bias=False)
+        self.o_proj = nn.Linear(heads * dim, d, bias=False)
+        self.q_norm = RMSNorm(dim, config.rms_norm_eps)
+        self.k_norm = RMSNorm(dim, config.rms_norm_eps)
+
+    def rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        r = self.rotary_dims
+        if r == self.head_dim:
+            return apply_rotary(x, cos, sin)
+        return torch.cat([apply_rotary(x[..., :r], cos, sin), x[..., r:]], dim=-1)
+
+    def forward(self, h: torch.Tensor, cos, sin, batch: PackedBatch, layer: int) -> torch.Tensor:
+        tokens = h.shape[0]
+        q = self.q_norm(self.q_proj(h).view(tokens, self.heads, self.head_dim))
+        k = self.k_norm(self.k_proj(h).view(tokens, self.kv_heads, self.head_dim))
+        v = self.v_proj(h).view(tokens, self.kv_heads, self.head_dim)
+        return attention(self.rotate(q, cos, sin), self.rotate(k, cos, sin), v, batch, layer)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: LLaDAMoEConfig, layer: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        if config.is_moe(layer):
+            self.mlp = SparseMoE(config)
+        else:
+            self.mlp = MLP(config.hidden_size, config.dense_intermediate_size)
+
+    def forward(self, x, cos, sin, batch: PackedBatch, layer: int, keep: torch.Tensor | None = None) -> torch.Tensor:
+        attn = self.self_attn(self.input_layernorm(x), cos, sin, batch, layer)
+        if keep is not None:
+            x, attn = x[keep], attn[keep]
+        x = x + self.self_attn.o_proj(attn)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class _Backbone(nn.Module):
+    def __init__(self, config: LLaDAMoEConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+
+class LLaDAMoEModel(PackedModel):
+    def __init__(self, config: LLaDAMoEConfig):
+        super().__init__()
+        self.config = config
+        self.rotary_dims = int(config.head_dim * config.partial_rotary_factor)
+        self.model = _Backbone(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+
+    @property
+    def embedding(self) -> nn.Embedding:
+        return self.model.embed_tokens
+
+    def forward(self, batch: PackedBatch) -> torch.Tensor:
+        """Hidden states before the final norm of the kept tokens (or every token)."""
+        x = self.model.embed_tokens(batch.ids)
+        cos, sin = self.rotary_at(batch.positions)
+        last = len(self.model.layers) - 1
+        for layer, block in enumerate(self.model.layers):
+            x = block(x, cos, sin, batch, layer, batch.keep if layer == last else None)
+        return x
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(self.model.norm(hidden)).float()
