@@ -33,7 +33,11 @@ def engine_settings(config: ServerConfig) -> EngineSettings:
 def create_app(config: ServerConfig, loaded: LoadedModel | None = None) -> FastAPI:
     """The app and its engine; the model is loaded from config unless one is given (tests share one)."""
     metrics = Metrics()
-    engine = Engine(loaded or load_model(config.model, config.device, config.dtype, config.batch_invariant), engine_settings(config), metrics)
+    engine = Engine(
+        loaded or load_model(config.model, config.device, config.dtype, config.batch_invariant),
+        engine_settings(config),
+        metrics,
+    )
     state = ServerState(config=config, client=EngineClient(engine, config.request_timeout), metrics=metrics)
 
     @asynccontextmanager

@@ -118,7 +118,9 @@ class Denoiser:
         self.mask_id = loaded.special.mask
         self.eos_id = loaded.special.eos
 
-    def new_job(self, prompt_ids: list[int], params: SamplingParams, report_steps: bool = True, **request) -> DenoiseJob:
+    def new_job(
+        self, prompt_ids: list[int], params: SamplingParams, report_steps: bool = True, **request
+    ) -> DenoiseJob:
         """Host state only: the engine thread makes the job's generator at its first step and
         gives a cached job its slots (cache_slots) when it is admitted."""
         canvas = list(prompt_ids) + [self.mask_id] * params.gen_length
@@ -248,7 +250,9 @@ class Denoiser:
         return StepEvent(job=job, step=job.steps_done, block=block, revealed=count, reveals=reveals, masked=job.masked)
 
 
-def standalone(loaded: LoadedModel, prompts: list[list[int]], params: list[SamplingParams]) -> tuple[Denoiser, list[DenoiseJob]]:
+def standalone(
+    loaded: LoadedModel, prompts: list[list[int]], params: list[SamplingParams]
+) -> tuple[Denoiser, list[DenoiseJob]]:
     """A denoiser with a KV pool just big enough for these jobs, and the jobs, their cache slots
     reserved (tests, benches: the engine's scheduler does this for a server)."""
     need = [cache_pages_for(len(prompt), p) for prompt, p in zip(prompts, params)]

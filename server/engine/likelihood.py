@@ -34,8 +34,8 @@ from server.engine.packed import RowInput
 from server.engine.request import Request
 from server.engine.runner import ForwardMetrics, Work, run_step, unconditional
 from server.engine.sampler import ChoiceJob, choose, guide
-from server.engine.schedule import spread
 from server.engine.sampling_params import ScoreParams
+from server.engine.schedule import spread
 
 # Most masked positions whose logits are computed in one LM-head call (see denoiser.HEAD_ROWS).
 HEAD_ROWS = 512

@@ -20,10 +20,10 @@ from safetensors import SafetensorError, safe_open
 
 from server.engine.cpu_kernels import use_onednn_linears
 from server.engine.devices import resolve_device, resolve_dtype
-from server.engine.errors import CheckpointError
+from server.engine.errors import CheckpointError, read_json_object
 from server.engine.model_config import ModelConfig
-from server.engine.models import architecture_for, architecture_of, build_model
 from server.engine.model_info import ModelInfo
+from server.engine.models import architecture_for, architecture_of, build_model
 from server.engine.text_codec import BOS_TOKEN, MASK_TOKENS, SpecialIds, TextCodec
 
 log = logging.getLogger("llada.engine")
@@ -86,12 +86,16 @@ def resolve_special_ids(config, codec: TextCodec) -> SpecialIds:
     if eos is None:
         raise CheckpointError("neither config.json (eos_token_id) nor the tokenizer (eos_token) names EOS")
     if eos_in_tokenizer is not None and eos_in_tokenizer != eos:
-        raise CheckpointError(f"tokenizer's eos_token has id {eos_in_tokenizer} but config.json says eos_token_id {eos}")
+        raise CheckpointError(
+            f"tokenizer's eos_token has id {eos_in_tokenizer} but config.json says eos_token_id {eos}"
+        )
     for name, value in (("mask_token_id", mask), ("eos_token_id", eos)):
         if not 0 <= value < config.vocab_size:
             raise CheckpointError(f"{name} {value} is outside vocab_size {config.vocab_size}")
     bos = codec.tokenizer.bos_token_id
-    return SpecialIds(mask=mask, eos=eos, eot=codec.end_of_turn(), bos=bos if bos is not None else codec.token_id(BOS_TOKEN))
+    return SpecialIds(
+        mask=mask, eos=eos, eot=codec.end_of_turn(), bos=bos if bos is not None else codec.token_id(BOS_TOKEN)
+    )
 
 
 def ready(model: torch.nn.Module) -> torch.nn.Module:
@@ -103,13 +107,7 @@ def read_config_json(folder: Path) -> dict:
     path = folder / "config.json"
     if not path.is_file():
         raise CheckpointError(f"{folder} has no config.json: is it a LLaDA checkpoint folder?")
-    try:
-        raw = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(f"{path} is not valid JSON: {exc}") from exc
-    if not isinstance(raw, dict):
-        raise CheckpointError(f"{path} must hold a JSON object, not {type(raw).__name__}")
-    return raw
+    return read_json_object(path)
 
 
 def expected_shapes(model: torch.nn.Module) -> dict[str, tuple[int, ...]]:

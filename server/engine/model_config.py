@@ -7,7 +7,7 @@ import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
-from server.engine.errors import CheckpointError
+from server.engine.errors import CheckpointError, refuse_unsupported
 
 # Keys of LLaDA's config space whose other values this server does not implement: key -> the
 # values it does (a key left out of config.json takes LLaDA's default, the first value).
@@ -63,7 +63,11 @@ class ModelConfig:
 
     def to_json_dict(self) -> dict:
         """The config.json a real LLaDA checkpoint carries, for this shape."""
-        ids = {k: getattr(self, k) for k in ("mask_token_id", "eos_token_id", "pad_token_id") if getattr(self, k) is not None}
+        ids = {
+            k: getattr(self, k)
+            for k in ("mask_token_id", "eos_token_id", "pad_token_id")
+            if getattr(self, k) is not None
+        }
         return {
             "architectures": ["LLaDAModelLM"],
             "model_type": "llada",
@@ -91,12 +95,7 @@ class ModelConfig:
     @classmethod
     def from_json(cls, raw: dict, path: Path) -> ModelConfig:
         """The shape from a LLaDA config.json (already parsed; `path` names it in errors)."""
-        for key, accepted in SUPPORTED_VALUES.items():
-            if key in raw and raw[key] not in accepted:
-                raise CheckpointError(
-                    f"{path}: {key}={raw[key]!r} is not supported (this server implements {key} "
-                    f"{' or '.join(repr(a) for a in accepted)})"
-                )
+        refuse_unsupported(raw, SUPPORTED_VALUES, path)
         required = ("d_model", "n_layers", "n_heads", "vocab_size")
         missing = [key for key in required if key not in raw]
         if missing:

@@ -7,7 +7,9 @@ from server.engine.devices import resolve_device, resolve_dtype, set_batch_invar
 from server.engine.loader import LoadedModel, load_checkpoint
 
 
-def load_model(model: str | None, device: str = "auto", dtype: str = "auto", batch_invariant: bool = True) -> LoadedModel:
+def load_model(
+    model: str | None, device: str = "auto", dtype: str = "auto", batch_invariant: bool = True
+) -> LoadedModel:
     """batch_invariant: `--batch-invariant`, set before the model's first product (devices.py)."""
     target = resolve_device(device)
     set_batch_invariance(target, batch_invariant)

@@ -7,13 +7,12 @@ checkpoint's Python or ask on stdin whether to trust it.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from transformers import PreTrainedTokenizerFast
 
-from server.engine.errors import CheckpointError
+from server.engine.errors import CheckpointError, read_json_object
 
 # The family's token strings, for checkpoints whose tokenizer_config.json does not name them:
 # LLaDA's and LLaDA-MoE / LLaDA2's (FAMILY.md).
@@ -46,12 +45,7 @@ class TextCodec:
         for path in (tokenizer_file, config_file):
             if not path.is_file():
                 raise CheckpointError(f"{folder} has no {path.name}: the tokenizer cannot be loaded")
-        try:
-            settings = json.loads(config_file.read_text())
-        except json.JSONDecodeError as exc:
-            raise CheckpointError(f"{config_file} is not valid JSON: {exc}") from exc
-        if not isinstance(settings, dict):
-            raise CheckpointError(f"{config_file} must hold a JSON object, not {type(settings).__name__}")
+        settings = read_json_object(config_file)
         kwargs = {}
         for name in SPECIAL_TOKEN_FIELDS:
             value = settings.get(name)

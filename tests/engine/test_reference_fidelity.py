@@ -17,10 +17,10 @@ import math
 import pytest
 import torch
 
+from server.engine.cpu_kernels import padded_rows
 from server.engine.demo import build_demo, demo_config
 from server.engine.denoiser import generate_batch
 from server.engine.likelihood import ScoreParams, score_pairs
-from server.engine.cpu_kernels import padded_rows
 from server.engine.packed import RowInput, pack
 from server.engine.sampling_params import SamplingParams
 from tests.reference.likelihood import reference_is_greedy, reference_loglikelihood

@@ -10,12 +10,12 @@ import pytest
 import torch
 
 from server.engine import schedule
-from server.engine.sampler import ChoiceJob, choose, guide, unpack
 from server.engine.demo import build_demo, demo_config
 from server.engine.denoiser import Denoiser, generate_batch
+from server.engine.likelihood import ScoreParams, Scorer, ScoringJob, score_pairs
 from server.engine.packed import RowInput
 from server.engine.runner import Work, head_chunks
-from server.engine.likelihood import ScoreParams, Scorer, ScoringJob, score_pairs
+from server.engine.sampler import ChoiceJob, choose, guide, unpack
 from server.engine.sampling_params import SamplingParams
 
 TINY = {"d_model": 32, "n_layers": 1, "n_heads": 2, "n_kv_heads": 1, "mlp_hidden_size": 64}
@@ -375,5 +375,8 @@ def test_head_chunks_bound_the_rows_of_one_lm_head_call():
     chunks = head_chunks(works, 512)
     assert [[len(works[i].positions) for i in c] for c in chunks] == [[300, 200], [100], [600], [5]]
     # a CFG job puts its candidates through twice
-    guided = [Work(None, RowInput([0]), list(range(200)), uncond=RowInput([0])), Work(None, RowInput([0]), list(range(200)))]
+    guided = [
+        Work(None, RowInput([0]), list(range(200)), uncond=RowInput([0])),
+        Work(None, RowInput([0]), list(range(200))),
+    ]
     assert [len(c) for c in head_chunks(guided, 512)] == [1, 1]

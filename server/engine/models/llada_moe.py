@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from server.engine.errors import CheckpointError
+from server.engine.errors import CheckpointError, refuse_unsupported
 from server.engine.models.base import PackedModel
 from server.engine.models.layers import RMSNorm, apply_rotary, attention
 from server.engine.packed import PackedBatch
@@ -86,12 +86,7 @@ class LLaDAMoEConfig:
 
     @classmethod
     def from_json(cls, raw: dict, path: Path) -> LLaDAMoEConfig:
-        for key, accepted in SUPPORTED_VALUES.items():
-            if key in raw and raw[key] not in accepted:
-                raise CheckpointError(
-                    f"{path}: {key}={raw[key]!r} is not supported (this server implements {key} "
-                    f"{' or '.join(repr(a) for a in accepted)})"
-                )
+        refuse_unsupported(raw, SUPPORTED_VALUES, path)
         fields = {f.name: f.type for f in dataclasses.fields(cls)}
         required = [f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING]
         missing = [key for key in required if key not in raw]
@@ -100,7 +95,9 @@ class LLaDAMoEConfig:
         kinds = {"float": float, "bool": bool, "int": int, "int | None": int}
         try:
             values = {
-                k: kinds[fields[k]](raw[k]) for k in fields if k not in ("moe_layer_freq", "mask_token_id") and raw.get(k) is not None
+                k: kinds[fields[k]](raw[k])
+                for k in fields
+                if k not in ("moe_layer_freq", "mask_token_id") and raw.get(k) is not None
             }
             values["moe_layer_freq"] = tuple(int(v) for v in raw.get("moe_layer_freq") or ())
         except (TypeError, ValueError) as exc:
