@@ -80,7 +80,15 @@ class TextCodec:
         return None, None
 
     def end_of_turn(self) -> int | None:
-        """The end-of-turn token that closes a chat answer, where the tokenizer has one."""
+        """The end-of-turn token that closes a chat answer: the special token the chat template
+        writes right after a message's content, else one of the family's known strings."""
+        if self.has_chat_template:
+            content = "end-of-turn probe"
+            after = self.chat_text([{"role": "user", "content": content}]).split(content, 1)[-1]
+            added = sorted(self.tokenizer.get_added_vocab(), key=len, reverse=True)
+            token = next((t for t in added if after.startswith(t)), None)
+            if token is not None:
+                return self.token_id(token)
         return next((self.token_id(t) for t in EOT_TOKENS if self.token_id(t) is not None), None)
 
     @property

@@ -133,6 +133,7 @@ class Weights:
     def __init__(self, state_dict: dict[str, Tensor], cfg: dict):
         self._state = state_dict
         self.shape = Shape.of(cfg)
+        self.tied = bool(cfg.get("weight_tying"))
 
     def __call__(self, name: str) -> Tensor:
         return self._state[PREFIX + name].detach().to(device="cpu", dtype=torch.float32)
@@ -172,7 +173,14 @@ def finish_layer(w: Weights, i: int, x: Tensor, q: Tensor, keys: Tensor, values:
 
 def lm_head(w: Weights, x: Tensor) -> Tensor:
     """Logits [Q, V] of the last layer's rows x [Q, d]."""
-    return rms_norm(x, w("ln_f.weight"), w.shape.eps) @ w("ff_out.weight").T  # untied LM head
+    # weight_tying (iLLaDA): the LM head is the embedding matrix; else the untied ff_out
+    head = w("wte.weight") if w.tied else w("ff_out.weight")
+    return rms_norm(x, w("ln_f.weight"), w.shape.eps) @ head.T
+
+
+def _is_llada_moe(cfg: dict) -> bool:
+    """A LLaDA-MoE config.json (dispatched on architectures): tests/reference/llada_moe.py runs it."""
+    return "LLaDAMoEModelLM" in (cfg.get("architectures") or [])
 
 
 @torch.no_grad()
@@ -185,6 +193,10 @@ def forward_at(
     `cache` at their positions, replacing what it held there; then the rows attend to every
     position of the cache, in position order. Every other position must be kept in the cache.
     """
+    if _is_llada_moe(cfg):
+        from tests.reference import llada_moe
+
+        return llada_moe.forward_at(state_dict, cfg, token_ids, positions, cache)
     w = Weights(state_dict, cfg)
     x = w("wte.weight")[token_ids.to("cpu")]  # [Q, d]  (no embedding scaling)
     cos, sin = rope_cos_sin(positions, w.shape.head_dim, w.shape.theta)
@@ -201,6 +213,10 @@ def forward_at(
 @torch.no_grad()
 def full_forward(state_dict: dict[str, Tensor], cfg: dict, input_ids: Tensor) -> tuple[Tensor, KVCache]:
     """fp32 forward of one unpadded sequence [1, L]: logits [1, L, V] and every position's keys/values."""
+    if _is_llada_moe(cfg):
+        from tests.reference import llada_moe
+
+        return llada_moe.full_forward(state_dict, cfg, input_ids)
     if input_ids.dim() != 2 or input_ids.shape[0] != 1:
         raise ValueError(f"the reference forward takes one sequence [1, L], got {tuple(input_ids.shape)}")
     seq_len = input_ids.shape[1]

@@ -4,7 +4,8 @@ transformer whose MLPs are mixtures of SwiGLU experts (FAMILY.md).
 Per layer: RMSNorm, q/k/v projections, a per-head RMSNorm on q and k (over head_dim, before
 RoPE), RoPE, bidirectional attention (models/layers.py), the output projection; RMSNorm, then
 the experts: a softmax router over all experts in fp32, the top k per token, weights not
-renormalised (unless norm_topk_prob), each token's output the weighted sum of its experts'.
+renormalised (the published block ignores config.json's norm_topk_prob and
+moe_router_score_function), each token's output the weighted sum of its experts'.
 Expert dispatch is batched over the step's tokens: tokens sorted by expert, one matmul per
 active expert, so a step's cost grows with its tokens, not with its requests. Module names are
 the published tensor names (`model.layers.N.mlp.experts.E.gate_proj.weight`, ...).
@@ -29,9 +30,8 @@ from server.engine.packed import PackedBatch
 SUPPORTED_VALUES = {
     "hidden_act": ("silu",),
     "qk_layernorm": (True,),
-    "moe_router_score_function": ("softmax",),
-    "moe_router_enable_expert_bias": (False,),
-    "shared_expert_intermediate_size": (None,),
+    "moe_router_enable_expert_bias": (False, None),
+    "shared_expert_intermediate_size": (None, -1, 0),
     "attention_bias": (False,),
     "clip_qkv": (None,),
     "tie_word_embeddings": (False,),
@@ -56,8 +56,6 @@ class LLaDAMoEConfig:
     partial_rotary_factor: float = 1.0
     rms_norm_eps: float = 1e-5
     max_position_embeddings: int = 8192
-    norm_topk_prob: bool = False
-    routed_scaling_factor: float = 1.0
     eos_token_id: int | None = None
     pad_token_id: int | None = None
     # Published copies disagree on config.json's mask_token_id (one says EOS's id): the
@@ -112,6 +110,12 @@ class LLaDAMoEConfig:
             raise CheckpointError(f"{path}: moe_layer_freq needs one entry per layer ({config.num_hidden_layers})")
         if not 0 < config.num_experts_per_tok <= config.num_experts:
             raise CheckpointError(f"{path}: num_experts_per_tok must be between 1 and num_experts")
+        rotary = config.head_dim * config.partial_rotary_factor
+        if not (0 < config.partial_rotary_factor <= 1 and rotary == int(rotary) and int(rotary) % 2 == 0):
+            raise CheckpointError(
+                f"{path}: partial_rotary_factor {config.partial_rotary_factor} must rotate an even number of "
+                f"a head's {config.head_dim} dims"
+            )
         return config
 
 
@@ -132,7 +136,6 @@ class SparseMoE(nn.Module):
     def __init__(self, config: LLaDAMoEConfig):
         super().__init__()
         self.top_k = config.num_experts_per_tok
-        self.normalise = config.norm_topk_prob
         self.gate = nn.Linear(config.hidden_size, config.num_experts, bias=False)
         self.experts = nn.ModuleList(
             MLP(config.hidden_size, config.expert_intermediate_size) for _ in range(config.num_experts)
@@ -142,8 +145,6 @@ class SparseMoE(nn.Module):
         """x [tokens, hidden]: each token through its top-k experts, tokens grouped by expert."""
         probabilities = torch.softmax(self.gate(x).float(), dim=-1)
         weights, chosen = probabilities.topk(self.top_k, dim=-1)
-        if self.normalise:
-            weights = weights / weights.sum(dim=-1, keepdim=True)
         weights = weights.to(x.dtype).flatten()
         flat = chosen.flatten()
         order = flat.argsort(stable=True)  # (token, slot) pairs grouped by expert
