@@ -315,12 +315,13 @@ LLADA_MOE_CHAT_TEMPLATE = (
 )
 
 
-def llada_moe_config(moe_layer_freq: list[int] | None = None) -> dict:
+def llada_moe_config(moe_layer_freq: list[int] | None = None, shape: dict | None = None) -> dict:
     """config.json of the tiny LLaDA-MoE: the keys of the published configuration_lladamoe.py.
+    shape: LLADA_MOE_SHAPE's keys, for other sizes (benchmarks).
 
     No `mask_token_id` (published copies lack it; the tokenizer's `<|mask|>` is the mask).
     """
-    s = LLADA_MOE_SHAPE
+    s = shape or LLADA_MOE_SHAPE
     layers = s["num_hidden_layers"]
     return {
         "architectures": ["LLaDAMoEModelLM"],
@@ -377,9 +378,11 @@ def llada_moe_tokenizer_config() -> dict:
     }
 
 
-def llada_moe_state_dict(seed: int = 0, moe_layer_freq: list[int] | None = None) -> dict[str, torch.Tensor]:
+def llada_moe_state_dict(
+    seed: int = 0, moe_layer_freq: list[int] | None = None, shape: dict | None = None
+) -> dict[str, torch.Tensor]:
     """Random weights under modeling_lladamoe.py's names (LLaDAMoEModelLM.state_dict())."""
-    s = LLADA_MOE_SHAPE
+    s = shape or LLADA_MOE_SHAPE
     d, heads, kv_heads = s["hidden_size"], s["num_attention_heads"], s["num_key_value_heads"]
     head_dim = d // heads
     freq = moe_layer_freq if moe_layer_freq is not None else [1] * s["num_hidden_layers"]
@@ -413,16 +416,21 @@ def llada_moe_state_dict(seed: int = 0, moe_layer_freq: list[int] | None = None)
 
 
 def write_llada_moe_checkpoint(
-    folder: Path, seed: int = 0, *, with_remote_code: bool = False, moe_layer_freq: list[int] | None = None
+    folder: Path,
+    seed: int = 0,
+    *,
+    with_remote_code: bool = False,
+    moe_layer_freq: list[int] | None = None,
+    shape: dict | None = None,
 ) -> Path:
     """A tiny LLaDA-MoE-layout folder with random weights from `seed`.
 
     moe_layer_freq: per layer 1 (MoE) or 0 (dense SwiGLU of dense_intermediate_size); the
-    published model is MoE in every layer, the default here.
+    published model is MoE in every layer, the default here. shape: other sizes (benchmarks).
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    config = llada_moe_config(moe_layer_freq)
+    config = llada_moe_config(moe_layer_freq, shape)
     if with_remote_code:
         _write_remote_code(
             folder, config, "configuration_lladamoe", "modeling_lladamoe", "LLaDAConfig", "LLaDAMoEModelLM"
@@ -431,7 +439,7 @@ def write_llada_moe_checkpoint(
     _write_tokenizer(
         folder, build_tokenizer(LLADA_MOE_BYTE_OFFSET, LLADA_MOE_SPECIAL_TOKENS), llada_moe_tokenizer_config()
     )
-    _save_weights(folder, llada_moe_state_dict(seed, moe_layer_freq))
+    _save_weights(folder, llada_moe_state_dict(seed, moe_layer_freq, shape))
     return folder
 
 
