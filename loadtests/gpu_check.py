@@ -36,8 +36,7 @@ Sections and what each figure means:
   server's --batch-invariant: cuBLAS without split-K, read once when cuBLAS starts), set here
   before the model's first product, so this process runs with it on (--batch-invariant) and a
   child process repeats --off-sections with it off; its rows are merged in (batch_invariant
-  "off") as figures only. A future EngineSettings.batch_invariant field is passed too if the
-  engine grows one. On the CPU the switch does nothing (CPU is batch-invariant either way).
+  "off") as figures only. On the CPU the switch does nothing (CPU is batch-invariant either way).
 - throughput: tokens/s of the in-process Engine, exact and dual + threshold 0.9, for 1 and
   --prompts (16) concurrent jobs (gen_length 256, block 32, steps 256, prompts of ~128 tokens,
   temperature 0), batch_invariant on and off. Tokens are the reveals the engine reported (one
@@ -78,8 +77,10 @@ import torch.nn.functional as F
 from loadtests.common import LLADA_8B_SHAPE, add_model_args, bench_config, finish, machine_info
 from server.engine.demo import build_demo, demo_config
 from server.engine.denoiser import run_jobs
+from server.engine.devices import set_batch_invariance
 from server.engine.engine import Engine, EngineSettings
 from server.engine.events import GenerationDone, GenerationStep, JobFailed
+from server.engine.kv_cache import bytes_per_token
 from server.engine.sampling_params import SamplingParams
 from tests.reference.sampler import reference_generate_for
 from tests.support import REPO_ROOT
@@ -96,21 +97,7 @@ PASSAGE = (
     "steps, keeping at each step the predictions it trusts most. "
 )
 ATTENTION_WORDS = ("flash", "efficient", "fmha", "attention", "sdpa", "cudnn", "varlen", "bmm", "softmax")
-SETTINGS_FIELD = "batch_invariant" in {f.name for f in dataclasses.fields(EngineSettings)}
 CUBLAS_ENV = "CUBLAS_WORKSPACE_CONFIG"  # what devices.set_batch_invariance sets for the process
-
-
-def batch_invariance_switch() -> Callable[[torch.device, bool], None] | None:
-    """devices.set_batch_invariance where the engine has it: a per-process switch, set before the
-    first product (cuBLAS reads its workspace setting once), so "off" runs in a child process."""
-    try:
-        from server.engine.devices import set_batch_invariance
-    except ImportError:
-        return None
-    return set_batch_invariance
-
-
-SUPPORTS_BATCH_INVARIANT = SETTINGS_FIELD or batch_invariance_switch() is not None
 
 
 def log(message: str) -> None:
@@ -273,32 +260,22 @@ def set_head_scale(loaded, args: argparse.Namespace, prompts: list[list[int]]) -
 # ---------------------------------------------------------------------------------- the engine
 
 
-def engine_settings(batch_invariant: bool | None, **settings) -> EngineSettings:
-    """EngineSettings with batch_invariant where this engine has that field (None: its default)."""
-    if batch_invariant is not None and SETTINGS_FIELD:
-        settings["batch_invariant"] = batch_invariant
-    return EngineSettings(**settings)
-
-
-def setting_name(batch_invariant: bool | None) -> str:
-    return "default" if batch_invariant is None else ("on" if batch_invariant else "off")
+def setting_name(batch_invariant: bool) -> str:
+    return "on" if batch_invariant else "off"
 
 
 def cache_bytes_for(loaded, prompts: list[list[int]], gen_length: int) -> int:
     """A KV pool that holds these jobs with room to spare (not a share of the whole device)."""
-    c = loaded.config
-    per_token = c.n_layers * 2 * c.n_kv_heads * c.head_dim * torch.empty((), dtype=loaded.dtype).element_size()
-    return len(prompts) * (max(map(len, prompts)) + gen_length + 64) * per_token
+    return len(prompts) * (max(map(len, prompts)) + gen_length + 64) * bytes_per_token(loaded.config, loaded.dtype)
 
 
 def run_requests(
-    loaded, batch_invariant: bool | None, prompts: list[list[int]], params: SamplingParams, time_box_s: float | None
+    loaded, batch_invariant: bool, prompts: list[list[int]], params: SamplingParams, time_box_s: float | None
 ) -> dict:
     """Submit every request to a fresh Engine before it starts (so all share its first step), then
     count the reveals of every step until all finish or time_box_s passes (None: all must finish,
     within UNBOXED_LIMIT_S), and stop the engine."""
-    settings = engine_settings(
-        batch_invariant,
+    settings = EngineSettings(
         max_batch_rows=max(16, len(prompts) * params.rows),
         max_queue=max(64, len(prompts)),
         max_cache_bytes=cache_bytes_for(loaded, prompts, params.gen_length),
@@ -494,7 +471,7 @@ def describe_kernels(names: dict[str, Counter], cuda: bool) -> dict:
     return {"verdict": verdict, "ops": ops, "kernels": kernels if cuda else "n/a on cpu"}
 
 
-def batch_invariance(loaded, args: argparse.Namespace, clock: Clock, batch_invariant: bool | None) -> dict:
+def batch_invariance(loaded, args: argparse.Namespace, clock: Clock, batch_invariant: bool) -> dict:
     """8 requests together against each alone, per mode, at this process's setting."""
     gen = args.invariance_gen_length
     prompts = chat_prompts(loaded, [args.prompt_tokens // 2 + 13 * i for i in range(8)])
@@ -527,7 +504,6 @@ def batch_invariance(loaded, args: argparse.Namespace, clock: Clock, batch_invar
         )
     judged = [c for c in checks if c["batch_invariant"] in ("on", "default") and "equal" in c]
     return {
-        "setting_supported": SUPPORTS_BATCH_INVARIANT,
         "dtype": str(loaded.dtype).removeprefix("torch."),
         "prompt_tokens": [len(p) for p in prompts],
         "gen_length": gen,
@@ -537,7 +513,7 @@ def batch_invariance(loaded, args: argparse.Namespace, clock: Clock, batch_invar
     }
 
 
-def throughput(loaded, args: argparse.Namespace, clock: Clock, calibration: dict, batch_invariant: bool | None) -> dict:
+def throughput(loaded, args: argparse.Namespace, clock: Clock, calibration: dict, batch_invariant: bool) -> dict:
     gen, block = args.gen_length, args.block_length
     lengths = [args.prompt_tokens - args.prompts + 2 * i for i in range(args.prompts)]
     prompts = chat_prompts(loaded, [max(8, n) for n in lengths])
@@ -714,7 +690,7 @@ def ratios(result: dict) -> dict:
     return out
 
 
-def goals(result: dict, batch_invariant: bool | None) -> list[dict]:
+def goals(result: dict, batch_invariant: bool) -> list[dict]:
     out = []
     setting = setting_name(batch_invariant)
     tp = result.get("throughput")
@@ -829,10 +805,8 @@ def main(argv: list[str] | None = None) -> None:
     wanted = set(args.sections.split(","))
     # Batch invariance is set for the process before its first product, as the server does.
     env_before = dict(os.environ)
-    switch = batch_invariance_switch()
-    if switch is not None:
-        switch(device, args.batch_invariant == "on")
-    flag = (args.batch_invariant == "on") if SUPPORTS_BATCH_INVARIANT else None
+    flag = args.batch_invariant == "on"
+    set_batch_invariance(device, flag)
     log(f"building the {describe_shape(args)} model on {device} ({dtype}) ...")
     built = time.perf_counter()
     loaded = build_model(args, device, dtype)

@@ -3,9 +3,12 @@ forward, every row equals its run alone, and a cached row reads its keys and val
 
 from __future__ import annotations
 
+import torch
+
+from server.engine.demo import demo_config
 from server.engine.denoiser import generate_batch, standalone
 from server.engine.events import GenerationDone
-from server.engine.kv_cache import CacheWrites
+from server.engine.kv_cache import CacheWrites, bytes_per_token
 from server.engine.models import layers
 from server.engine.sampling_params import SamplingParams
 from tests.engine.test_step_transactions import PROMPT, run_engine
@@ -65,3 +68,11 @@ def test_a_cached_row_reads_its_keys_and_values_in_place(tiny_model, monkeypatch
         assert k.untyped_storage().data_ptr() == pool.keys.untyped_storage().data_ptr()
         assert v.untyped_storage().data_ptr() == pool.values.untyped_storage().data_ptr()
     assert writes == [8] * layers_count  # only the block's new keys and values are written
+
+
+def test_a_grouped_query_cache_holds_only_the_real_kv_heads():
+    # iLLaDA's 8 KV heads of 32: a quarter of what LLaDA-8B's layout keeps per token
+    full = demo_config(d_model=4096, n_layers=32, n_heads=32, n_kv_heads=32)
+    grouped = demo_config(d_model=4096, n_layers=32, n_heads=32, n_kv_heads=8)
+    assert bytes_per_token(full, torch.bfloat16) == 32 * 2 * 32 * 128 * 2  # 0.5 MiB per token
+    assert bytes_per_token(grouped, torch.bfloat16) * 4 == bytes_per_token(full, torch.bfloat16)
