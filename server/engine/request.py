@@ -12,9 +12,13 @@ from dataclasses import dataclass, field
 Sink = Callable[[object], None]
 
 
+def discard(event: object) -> None:
+    """The sink of a request run outside a server (tests, benches): its events go nowhere."""
+
+
 @dataclass(eq=False, kw_only=True)
 class Request:
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
-    sink: Sink = print
+    sink: Sink = discard
     submitted: float = field(default_factory=time.monotonic)
     started: float | None = None
