@@ -16,12 +16,16 @@ class DeviceFailure(RuntimeError):
     """A device error after which the device cannot be trusted (the injected `fatal` fault)."""
 
 
+# torch >= 2.8 raises device errors as AcceleratorError; older ones as a RuntimeError that says so
+_DEVICE_ERRORS = (DeviceFailure, *[e for e in (getattr(torch, "AcceleratorError", None),) if e is not None])
+
+
 def is_fatal(exc: BaseException) -> bool:
     """Whether an error poisons the device context: on CUDA any device error but out of memory
     (an illegal address or a device-side assert leaves every later call failing)."""
     if isinstance(exc, torch.OutOfMemoryError):
         return False
-    if isinstance(exc, (DeviceFailure, torch.AcceleratorError)):
+    if isinstance(exc, _DEVICE_ERRORS):
         return True
     return isinstance(exc, RuntimeError) and "CUDA error" in str(exc)
 

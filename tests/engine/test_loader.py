@@ -365,3 +365,12 @@ def test_auto_device_and_dtype():
     assert resolve_dtype("auto", torch.device("cpu")) == torch.float32
     assert resolve_dtype("auto", torch.device("cuda")) == torch.bfloat16
     assert resolve_device("cpu") == torch.device("cpu")
+
+
+def test_device_errors_that_poison_the_context_are_fatal_and_out_of_memory_is_not():
+    from server.engine.devices import DeviceFailure, is_fatal
+
+    assert is_fatal(DeviceFailure("injected"))
+    assert is_fatal(RuntimeError("CUDA error: an illegal memory access was encountered"))
+    assert not is_fatal(torch.OutOfMemoryError("CUDA out of memory"))
+    assert not is_fatal(RuntimeError("shape mismatch"))
