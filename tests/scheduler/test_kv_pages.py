@@ -41,4 +41,3 @@ def test_pages_are_reserved_at_admission_and_freed_however_a_job_leaves():
     assert [j.id for j in batch.jobs] == [waiting.id] and sched.cache_pages_in_use == 5
     sched.drain_all()
     assert sched.cache_pages_in_use == 0
-
