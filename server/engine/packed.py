@@ -2,7 +2,8 @@
 
 The rows' tokens are laid end to end ([tokens] ids and absolute positions), so every linear sees
 only real tokens; `seqs` tells attention where each row's tokens are and which keys it attends
-to (its own, or its cache's, read in place: kv_cache.py). `keep` names the tokens whose hidden
+to (its own, or its cache's, read in place: kv_cache.py), grouped into the runs one attention
+call serves, decided once per step. `keep` names the tokens whose hidden
 states the LM head will read. The host builds the small index lists once per step and sends
 them in one copy.
 """
@@ -54,25 +55,23 @@ class Run:
 class PackedBatch:
     ids: torch.Tensor  # [tokens]
     positions: torch.Tensor  # [tokens] absolute positions
-    seqs: list[Seq]
+    runs: list[Run]  # what each attention call serves, in token order
     keep: torch.Tensor | None  # [kept] indices into the tokens; None: every token's hidden state
     cache: CacheWrites | None
 
-    @property
-    def runs(self) -> list[Run]:
-        runs: list[Run] = []
-        for seq in self.seqs:
-            if seq.reads_cache:
-                runs.append(Run(seq.offset, 1, seq.length, seq))
-            elif runs and runs[-1].reader is None and runs[-1].length == seq.length:
-                runs[-1] = Run(runs[-1].offset, runs[-1].count + 1, seq.length)
-            else:
-                runs.append(Run(seq.offset, 1, seq.length))
-        return runs
 
-    @property
-    def tokens(self) -> int:
-        return self.ids.shape[0]
+def attention_runs(seqs: list[Seq]) -> list[Run]:
+    """Consecutive rows of one length that attend to themselves share a run; a row that reads
+    its cache is a run of its own."""
+    runs: list[Run] = []
+    for seq in seqs:
+        if seq.reads_cache:
+            runs.append(Run(seq.offset, 1, seq.length, seq))
+        elif runs and runs[-1].reader is None and runs[-1].length == seq.length:
+            runs[-1] = Run(runs[-1].offset, runs[-1].count + 1, seq.length)
+        else:
+            runs.append(Run(seq.offset, 1, seq.length))
+    return runs
 
 
 def pack(
@@ -98,4 +97,4 @@ def pack(
     host = torch.tensor(ids + positions + write_rows + write_slots + kept, dtype=torch.long)
     parts = to_device(host, device).split(sizes)
     cache = CacheWrites(pool, parts[2], parts[3]) if pool is not None else None
-    return PackedBatch(parts[0], parts[1], seqs, parts[4] if keep is not None else None, cache)
+    return PackedBatch(parts[0], parts[1], attention_runs(seqs), parts[4] if keep is not None else None, cache)

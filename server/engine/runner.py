@@ -72,6 +72,7 @@ class ForwardMetrics:
 
     def __init__(self, metrics: Metrics | None):
         self.metrics = metrics
+        self._pending: tuple[torch.cuda.Event, torch.cuda.Event] | None = None  # CUDA: the last forward's
 
     def run(self, forward: Callable[[], torch.Tensor], rows: int, device: torch.device) -> torch.Tensor:
         if self.metrics is None:
@@ -93,7 +94,7 @@ class ForwardMetrics:
 
     def step_finished(self) -> None:
         """After the step's read-back (or its failure): the recorded events have completed."""
-        pending = getattr(self, "_pending", None)
+        pending = self._pending
         if pending is not None:
             self._pending = None
             pending[1].synchronize()

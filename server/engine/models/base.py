@@ -17,6 +17,10 @@ class PackedModel(nn.Module):
     tied_parameters: tuple[str, ...] = ()
     rotary_dims: int | None = None  # rotated dims of a head (all when None)
 
+    def __init__(self):
+        super().__init__()
+        self._rotary: tuple[torch.Tensor, torch.Tensor] | None = None
+
     def tie_weights(self) -> None:
         """Re-point aliased parameters after loading (models with a tied head override it)."""
 
@@ -31,8 +35,7 @@ class PackedModel(nn.Module):
     def rotary(self) -> tuple[torch.Tensor, torch.Tensor]:
         """cos and sin for every position up to max_sequence_length, fp32 on the model's device:
         made once (weights load on the meta device first, so not in __init__)."""
-        cached = getattr(self, "_rotary", None)
-        if cached is None or cached[0].device != self.device:
+        if self._rotary is None or self._rotary[0].device != self.device:
             c = self.config
             dims = self.rotary_dims or c.head_dim
             self._rotary = rotary_tables(dims, c.max_sequence_length, c.rope_theta, self.device)
