@@ -16,6 +16,7 @@ from torch import nn
 from server.engine.errors import CheckpointError
 from server.engine.model_config import ModelConfig
 from server.engine.models.llada import LLaDAModel
+from server.engine.models.llada2 import LLaDA2Config, LLaDA2Model
 from server.engine.models.llada_moe import LLaDAMoEConfig, LLaDAMoEModel
 
 
@@ -25,6 +26,7 @@ class Architecture:
     model_types: tuple[str, ...]
     config_class: type  # with from_json(raw config.json dict, path)
     model_class: type[nn.Module]
+    block_diffusion: bool = False  # decoded block by block (block_diffusion.py), else on a full canvas
 
 
 ARCHITECTURES = (
@@ -32,6 +34,7 @@ ARCHITECTURES = (
     # its copies in the wild say model_type "llada" or "lladamoe" (or "llada_moe"): named by
     # `architectures`, it is never taken for LLaDA-8B's by model_type alone
     Architecture("LLaDAMoEModelLM", ("llada", "lladamoe", "llada_moe"), LLaDAMoEConfig, LLaDAMoEModel),
+    Architecture("LLaDA2MoeModelLM", ("llada2_moe",), LLaDA2Config, LLaDA2Model, block_diffusion=True),
 )
 
 

@@ -42,11 +42,14 @@ def rotary_tables(head_dim: int, length: int, theta: float, device: torch.device
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [tokens, heads, head_dim]; cos, sin [tokens, 1, head_dim]."""
-    x32 = x.float()
-    half = x32.shape[-1] // 2
+    """x [tokens, heads, head_dim]; cos, sin [tokens, 1, dims]: the first `dims` of each head
+    rotate (partial RoPE when dims < head_dim), the rest pass through."""
+    dims = cos.shape[-1]
+    x32 = x[..., :dims].float()
+    half = dims // 2
     rotated = torch.cat([-x32[..., half:], x32[..., :half]], dim=-1)
-    return (x32 * cos + rotated * sin).to(x.dtype)
+    out = (x32 * cos + rotated * sin).to(x.dtype)
+    return out if dims == x.shape[-1] else torch.cat([out, x[..., dims:]], dim=-1)
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

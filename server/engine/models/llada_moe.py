@@ -6,8 +6,7 @@ RoPE), RoPE, bidirectional attention (models/layers.py), the output projection; 
 the experts: a softmax router over all experts in fp32, the top k per token, weights not
 renormalised (the published block ignores config.json's norm_topk_prob and
 moe_router_score_function), each token's output the weighted sum of its experts'.
-Expert dispatch is batched over the step's tokens: tokens sorted by expert, one matmul per
-active expert, so a step's cost grows with its tokens, not with its requests. Module names are
+Expert dispatch is batched over the step's tokens (models/moe.py). Module names are
 the published tensor names (`model.layers.N.mlp.experts.E.gate_proj.weight`, ...).
 """
 
@@ -18,12 +17,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from server.engine.errors import CheckpointError, refuse_unsupported
 from server.engine.models.base import PackedModel
 from server.engine.models.layers import RMSNorm, apply_rotary, attention
+from server.engine.models.moe import MLP, dispatch
 from server.engine.packed import PackedBatch
 
 # Keys of the published configuration whose other values this server does not implement.
@@ -119,19 +118,6 @@ class LLaDAMoEConfig:
         return config
 
 
-class MLP(nn.Module):
-    """SwiGLU: down(silu(gate(x)) * up(x)); an expert, or a dense layer's MLP."""
-
-    def __init__(self, hidden: int, intermediate: int):
-        super().__init__()
-        self.gate_proj = nn.Linear(hidden, intermediate, bias=False)
-        self.up_proj = nn.Linear(hidden, intermediate, bias=False)
-        self.down_proj = nn.Linear(intermediate, hidden, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
-
-
 class SparseMoE(nn.Module):
     def __init__(self, config: LLaDAMoEConfig):
         super().__init__()
@@ -142,23 +128,9 @@ class SparseMoE(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x [tokens, hidden]: each token through its top-k experts, tokens grouped by expert."""
-        probabilities = torch.softmax(self.gate(x).float(), dim=-1)
-        weights, chosen = probabilities.topk(self.top_k, dim=-1)
-        weights = weights.to(x.dtype).flatten()
-        flat = chosen.flatten()
-        order = flat.argsort(stable=True)  # (token, slot) pairs grouped by expert
-        # the one host read of the layer: how many tokens each expert takes
-        counts = torch.bincount(flat, minlength=len(self.experts)).tolist()
-        out = torch.zeros_like(x)
-        at = 0
-        for expert, count in zip(self.experts, counts):
-            if count:
-                pairs = order[at : at + count]
-                tokens = pairs // self.top_k
-                out.index_add_(0, tokens, expert(x[tokens]) * weights[pairs, None])
-                at += count
-        return out
+        """x [tokens, hidden]: each token through its top-k experts (softmax weights, not renormalised)."""
+        weights, chosen = torch.softmax(self.gate(x).float(), dim=-1).topk(self.top_k, dim=-1)
+        return dispatch(x, chosen, weights, self.experts)
 
 
 class Attention(nn.Module):
@@ -166,7 +138,6 @@ class Attention(nn.Module):
         super().__init__()
         d, heads, kv, dim = config.hidden_size, config.num_attention_heads, config.num_key_value_heads, config.head_dim
         self.heads, self.kv_heads, self.head_dim = heads, kv, dim
-        self.rotary_dims = int(dim * config.partial_rotary_factor)
         self.q_proj = nn.Linear(d, heads * dim, bias=False)
         self.k_proj = nn.Linear(d, kv * dim, bias=False)
         self.v_proj = nn.Linear(d, kv * dim, bias=False)
@@ -174,18 +145,12 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(dim, config.rms_norm_eps)
         self.k_norm = RMSNorm(dim, config.rms_norm_eps)
 
-    def rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        r = self.rotary_dims
-        if r == self.head_dim:
-            return apply_rotary(x, cos, sin)
-        return torch.cat([apply_rotary(x[..., :r], cos, sin), x[..., r:]], dim=-1)
-
     def forward(self, h: torch.Tensor, cos, sin, batch: PackedBatch, layer: int) -> torch.Tensor:
         tokens = h.shape[0]
         q = self.q_norm(self.q_proj(h).view(tokens, self.heads, self.head_dim))
         k = self.k_norm(self.k_proj(h).view(tokens, self.kv_heads, self.head_dim))
         v = self.v_proj(h).view(tokens, self.kv_heads, self.head_dim)
-        return attention(self.rotate(q, cos, sin), self.rotate(k, cos, sin), v, batch, layer)
+        return attention(apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v, batch, layer)
 
 
 class DecoderLayer(nn.Module):
