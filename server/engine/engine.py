@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from server.engine.denoiser import DenoiseJob, Denoiser, cache_pages_for
+from server.engine.denoiser import Denoiser
 from server.engine.devices import is_fatal
 from server.engine.errors import RequestTooLarge
 from server.engine.events import GenerationDone, GenerationStep, JobFailed, ScoringDone
@@ -35,7 +35,7 @@ from server.engine.kv_cache import PAGE_TOKENS, KVPool, bytes_per_token
 from server.engine.likelihood import Scorer, ScoringJob
 from server.engine.loader import LoadedModel
 from server.engine.model_info import ModelInfo
-from server.engine.request import Sink
+from server.engine.request import Request, Sink
 from server.engine.runner import ForwardMetrics
 from server.engine.sampling_params import SamplingParams, ScoreParams
 from server.engine.stats import EngineStats
@@ -116,7 +116,7 @@ class Engine:
         """report_steps: send a GenerationStep per step (streams); otherwise only the final event,
         which spares the event loop a wake-up per step. Raises RequestTooLarge for a cache that
         could never fit."""
-        pages = cache_pages_for(len(prompt_ids), params)
+        pages = self.denoiser.cache_pages(len(prompt_ids), params)
         if pages * params.rows > self.scheduler.max_cache_pages:
             needs = pages * params.rows * self.page_bytes / 2**20
             allows = self.scheduler.max_cache_pages * self.page_bytes / 2**20
@@ -138,7 +138,7 @@ class Engine:
         job = Job(JobKind.SCORE, length, params.rows_per_unit, units=request.units)
         return self._submit(job, request)
 
-    def _submit(self, job: Job, request: DenoiseJob | ScoringJob) -> str:
+    def _submit(self, job: Job, request: Request) -> str:
         job.id, job.payload = request.id, request
         self.scheduler.submit(job)
         self._update_gauges()
@@ -194,7 +194,7 @@ class Engine:
             if request.started is None:
                 request.started = now
                 self.metrics.queue_wait_seconds.observe(now - request.submitted)
-                if isinstance(request, DenoiseJob) and job.cache_runs:
+                if job.cache_runs:
                     request.cache_slots = [first * PAGE_TOKENS for first in job.cache_runs]
         if batch.kind is JobKind.GENERATE:
             self._generate(batch.jobs)
@@ -230,16 +230,16 @@ class Engine:
     def _deliver(self, events, by_id: dict[str, Job]) -> None:
         now = time.monotonic()
         for request_id, event in events.items():
-            request: DenoiseJob = event.job
+            request = event.job
             if event.step == 1:
                 self.metrics.time_to_first_step_seconds.observe(now - request.submitted)
             if request.report_steps:
-                request.sink(GenerationStep(event.step, event.block, event.reveals, event.masked))
+                request.sink(GenerationStep(event.step, event.block, event.reveals, event.masked, event.settled))
             self.metrics.generated_tokens_total.inc(event.revealed)
             if event.finished:
                 self.scheduler.finish(request_id)
                 queued = request.started - request.submitted
-                request.sink(GenerationDone(request.answer, event.step, queued, request.params.approximate))
+                request.sink(GenerationDone(request.answer, event.step, queued, request.approximate))
         self.metrics.denoise_steps_total.inc(len(events))
 
     def _score(self, work: list[tuple[Job, int]]) -> None:

@@ -11,6 +11,7 @@ class Reveal:
     index: int  # answer position
     token_id: int
     confidence: float  # the model's probability of the token
+    edit: bool = False  # replaces a token written earlier (LLaDA2.1's editing)
 
 
 @dataclass(frozen=True)
@@ -19,6 +20,7 @@ class GenerationStep:
     block: int
     reveals: list[Reveal]
     masked: int
+    settled: int | None = None  # answer positions that no later step can change; None: up to the first mask
 
 
 @dataclass(frozen=True)

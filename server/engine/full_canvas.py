@@ -1,21 +1,16 @@
-"""The batched denoising loop: one `step` advances every given job by one denoising step.
+"""LLaDA's decoding policy (LLaDA-8B, 1.5, iLLaDA, LLaDA-MoE): the whole answer canvas, masked
+at first, revealed block by block (semi-autoregressive) on a fixed schedule of tokens per step.
 
-Jobs carry their own settings, canvas, block position and random generator, so the set of jobs
-can change between any two steps (iteration-level batching) and a seeded job draws the same
-numbers whatever shares its forward. A job's canvas and its masked positions live on the host:
-the step packs every job's rows into one forward (runner.run_step), one LM-head call on every
-job's candidates, one batched token choice (sampler.choose), and reads back once.
+A job carries its own settings, canvas, block position and random generator; its canvas and its
+masked positions live on the host. Each step the job runs its rows (two under classifier-free
+guidance), the LM head reads its block's masked positions, and one batched token choice for all
+the step's jobs (sampler.choose) ranks them and says how many to reveal.
 
 Fast decoding (LLADA.md): a job with a cache keeps its keys and values in the pool (kv_cache.py)
 at the slots the scheduler reserved for it, runs a full forward at each block's first step, then
 only the block onwards (prefix) or the block (dual), reading its cache in place; a threshold or
 factor decides how many tokens a step reveals; early stop ends the answer after a finished block
-that holds EOS or EOT. Jobs of every mode and phase share the step's one forward.
-
-A step is a transaction: nothing of a job changes until every job's tokens are chosen. A step
-that raises (out of memory, say) leaves every job as it was, generator state included; a
-forward that fails with another error fails the step's jobs, an LM-head call only its own
-(`StepResult.failed`), and the others' step completes.
+that holds EOS or EOT.
 """
 
 from __future__ import annotations
@@ -27,18 +22,13 @@ import torch
 
 from server.engine import schedule
 from server.engine.events import Reveal
-from server.engine.kv_cache import PAGE_TOKENS, KVPool, pages_for
+from server.engine.kv_cache import pages_for
 from server.engine.loader import LoadedModel
 from server.engine.packed import RowInput
-from server.engine.request import Request
-from server.engine.runner import ForwardMetrics, Work, run_step, unconditional
+from server.engine.request import Request, StepEvent
+from server.engine.runner import Decide, Work, unconditional
 from server.engine.sampler import ChoiceJob, choose, unpack
 from server.engine.sampling_params import SamplingParams
-from server.scheduler.kv_pages import KVPages
-
-# Most candidate rows whose logits are computed in one LM-head call by default: a [rows, vocab]
-# float32 buffer, 260 MB at LLaDA's vocabulary. Jobs beyond it go in further calls.
-HEAD_ROWS = 512
 
 
 @dataclass(eq=False)
@@ -70,53 +60,25 @@ class DenoiseJob(Request):
         return self.params.rows
 
     @property
+    def approximate(self) -> bool:
+        return self.params.approximate
+
+    @property
     def draws(self) -> bool:
         """Whether a step of this job takes random numbers."""
         return self.params.temperature > 0 or self.params.remasking == "random"
 
 
-@dataclass(frozen=True)
-class StepEvent:
-    job: DenoiseJob
-    step: int  # 1-based count of this job's steps so far
-    block: int
-    revealed: int
-    reveals: list[Reveal]  # only for jobs that report steps
-    masked: int  # answer positions still masked after this step
-
-    @property
-    def finished(self) -> bool:
-        return self.job.finished
-
-
-@dataclass
-class StepResult:
-    events: dict[str, StepEvent]  # by request id, for the jobs that stepped
-    failed: list[tuple[list[DenoiseJob], Exception]]  # jobs whose forward or head raised, and why
-
-
-def cache_pages_for(prompt_len: int, params: SamplingParams) -> int:
-    """KV-cache pages each of a job's rows holds while it runs (0 without a cache)."""
-    return 0 if params.cache == "none" else pages_for(prompt_len + params.gen_length)
-
-
-class Denoiser:
-    def __init__(
-        self,
-        loaded: LoadedModel,
-        pool: KVPool | None = None,
-        head_rows: int = HEAD_ROWS,
-        timing: ForwardMetrics | None = None,
-    ):
-        """pool: the KV cache that cached jobs' slots point into (the scheduler reserves them).
-        head_rows: the most candidate rows per LM-head call (a job over it gets a call alone)."""
+class FullCanvas:
+    def __init__(self, loaded: LoadedModel):
         self.loaded = loaded
-        self.model = loaded.model
-        self.pool = pool
-        self.head_rows = head_rows
-        self.timing = timing
         self.mask_id = loaded.special.mask
         self.eos_id = loaded.special.eos
+
+    @staticmethod
+    def cache_pages(prompt_len: int, params: SamplingParams) -> int:
+        """KV-cache pages each of a job's rows holds while it runs (0 without a cache)."""
+        return 0 if params.cache == "none" else pages_for(prompt_len + params.gen_length)
 
     def new_job(
         self, prompt_ids: list[int], params: SamplingParams, report_steps: bool = True, **request
@@ -163,30 +125,18 @@ class Denoiser:
         job.block_masked = []
         job.finished = True
 
-    @torch.inference_mode()
-    def step(self, jobs: list[DenoiseJob]) -> StepResult:
-        for job in jobs:
-            if job.generator is None and job.draws:
-                job.generator = torch.Generator(device=self.model.device).manual_seed(job.seed)
-        saved = {job.id: job.generator.get_state() for job in jobs if job.draws}
-        works = [self._work(job) for job in jobs]
+    def decider(self, jobs: list[DenoiseJob]) -> Decide:
+        """The step's token choice: every job's candidates ranked by confidence, padded to the
+        step's widest block so that every chunk's rows line up."""
         width = max(len(job.block_masked) for job in jobs)
+        stops = self.loaded.special.stops
 
         def decide(logits: torch.Tensor, chunk: list[Work]) -> torch.Tensor:
-            stops = self.loaded.special.stops
             return choose(logits, [self._choice(work.owner) for work in chunk], self.eos_id, stops, width)
 
-        try:
-            outcome = run_step(self.model, works, self.head_rows, decide, self.pool, self.timing)
-        except BaseException:
-            for job in jobs:
-                if job.id in saved:
-                    job.generator.set_state(saved[job.id])
-            raise
-        events = {works[i].owner.id: self._commit(works[i].owner, row) for i, row in outcome.values.items()}
-        return StepResult(events, outcome.failed)
+        return decide
 
-    def _work(self, job: DenoiseJob) -> Work:
+    def work(self, job: DenoiseJob) -> Work:
         """The job's rows for this step: the whole canvas, or with a cache mid-block only the
         positions the mode runs, attending to the cache."""
         rows = [job.canvas]
@@ -224,7 +174,7 @@ class Denoiser:
             generator=job.generator,
         )
 
-    def _commit(self, job: DenoiseJob, packed: list[float]) -> StepEvent:
+    def commit(self, job: DenoiseJob, packed: list[float]) -> StepEvent:
         """Write the step's reveals into the job (host only: nothing here can fail halfway)."""
         order, tokens, probabilities = unpack(packed)
         count = len(order)
@@ -247,38 +197,4 @@ class Denoiser:
             job.cache_block = block
         if not job.block_masked:
             self._next_block(job)
-        return StepEvent(job=job, step=job.steps_done, block=block, revealed=count, reveals=reveals, masked=job.masked)
-
-
-def standalone(
-    loaded: LoadedModel, prompts: list[list[int]], params: list[SamplingParams]
-) -> tuple[Denoiser, list[DenoiseJob]]:
-    """A denoiser with a KV pool just big enough for these jobs, and the jobs, their cache slots
-    reserved (tests, benches: the engine's scheduler does this for a server)."""
-    need = [cache_pages_for(len(prompt), p) for prompt, p in zip(prompts, params)]
-    pages = KVPages(sum(n * p.rows for n, p in zip(need, params)))
-    pool = KVPool(loaded.config, pages.pages, loaded.device, loaded.dtype) if pages.pages else None
-    denoiser = Denoiser(loaded, pool)
-    jobs = []
-    for prompt, p, n in zip(prompts, params, need):
-        job = denoiser.new_job(prompt, p, report_steps=False)
-        job.cache_slots = [first * PAGE_TOKENS for first in pages.allocate([n] * p.rows)] if n else []
-        jobs.append(job)
-    return denoiser, jobs
-
-
-def run_jobs(loaded: LoadedModel, prompts: list[list[int]], params: list[SamplingParams]) -> list[DenoiseJob]:
-    """Run jobs together until all finish (finished jobs leave the batch); the jobs, in order."""
-    denoiser, jobs = standalone(loaded, prompts, params)
-    running = [job for job in jobs if not job.finished]
-    while running:
-        result = denoiser.step(running)
-        if result.failed:
-            raise result.failed[0][1]
-        running = [job for job in running if not job.finished]
-    return jobs
-
-
-def generate_batch(loaded: LoadedModel, prompts: list[list[int]], params: list[SamplingParams]) -> list[list[int]]:
-    """The answers of run_jobs."""
-    return [job.answer for job in run_jobs(loaded, prompts, params)]
+        return StepEvent(job, job.steps_done, block, count, reveals, job.masked, job.finished)

@@ -53,6 +53,7 @@ class LoadedModel:
         return ModelInfo(
             name=self.name,
             family=architecture_of(self.config).name,
+            block_diffusion=architecture_of(self.config).block_diffusion,
             vocab_size=self.config.vocab_size,
             max_sequence_length=self.config.max_sequence_length,
             special=self.special,

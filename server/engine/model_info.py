@@ -12,6 +12,7 @@ from server.engine.text_codec import SpecialIds, TextCodec
 class ModelInfo:
     name: str
     family: str  # the architecture, as config.json's `architectures` names it
+    block_diffusion: bool  # decoded block by block with an exact cache (LLaDA2), not on a full canvas
     vocab_size: int
     max_sequence_length: int
     special: SpecialIds

@@ -9,6 +9,8 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from server.engine.events import Reveal
+
 Sink = Callable[[object], None]
 
 
@@ -22,3 +24,17 @@ class Request:
     sink: Sink = discard
     submitted: float = field(default_factory=time.monotonic)
     started: float | None = None
+
+
+@dataclass(frozen=True)
+class StepEvent:
+    """What one step did to a generation request (a decoding policy's `commit` makes it)."""
+
+    job: Request
+    step: int  # 1-based count of this job's steps so far
+    block: int
+    revealed: int  # tokens written this step (edits included)
+    reveals: list[Reveal]  # only for jobs that report steps
+    masked: int  # answer positions still masked after this step
+    finished: bool
+    settled: int | None = None  # answer positions no later step can change (None: up to the first mask)

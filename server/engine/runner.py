@@ -38,6 +38,7 @@ class Work:
     row: RowInput
     positions: list[int]  # indices into row.tokens where logits are needed
     uncond: RowInput | None = None  # the CFG copy (same positions), if guided
+    fills: tuple[RowInput, ...] = ()  # rows run only to write their keys and values to the cache
 
     @property
     def head_rows(self) -> int:
@@ -122,8 +123,9 @@ def run_step(
 
 def _run(model, works, head_rows, decide, pool, timing) -> Outcome:
     guided = [work for work in works if work.uncond is not None]
-    rows = [work.row for work in works] + [work.uncond for work in guided]
-    keep = [work.positions for work in works] + [work.positions for work in guided]
+    fills = [row for work in works for row in work.fills]
+    rows = [work.row for work in works] + [work.uncond for work in guided] + fills
+    keep = [work.positions for work in works] + [work.positions for work in guided] + [[]] * len(fills)
     device = model.device
     try:
         batch = pack(rows, device, pool, keep)

@@ -5,6 +5,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+# The authors' defaults of block-diffusion models (LLaDA2's own `generate`, FAMILY.md); the
+# other fields' defaults are SamplingParams'.
+BLOCK_DIFFUSION_DEFAULTS = {"steps": 32, "block_length": 32, "threshold": 0.95, "max_post_steps": 16}
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -26,6 +30,11 @@ class SamplingParams:
     threshold: float | None = None  # reveal every candidate this confident (and the best one)
     factor: float | None = None  # Fast-dLLM's factor rule; not with threshold
     early_stop: bool = False  # end the answer after a finished block that holds EOS or EOT
+    # Block diffusion (LLaDA2, FAMILY.md): 2.1's token editing, and the draw at temperature > 0.
+    editing_threshold: float | None = None  # None: 2.0's rules, no editing
+    max_post_steps: int = 16  # editing iterations after a block's last mask is filled
+    top_k: int | None = None
+    top_p: float | None = None
 
     @property
     def rows(self) -> int:

@@ -13,7 +13,8 @@ import threading
 import pytest
 import torch
 
-from server.engine.denoiser import DenoiseJob, Denoiser, generate_batch
+from server.engine.denoiser import Denoiser, generate_batch
+from server.engine.full_canvas import DenoiseJob
 from server.engine.engine import Engine, EngineSettings
 from server.engine.errors import PoolTooLarge
 from server.engine.events import GenerationDone, JobFailed, ScoringDone
