@@ -46,6 +46,9 @@ class ServerConfig:
     )
     default_factor: float | None = setting(None, "factor of requests that give neither threshold nor factor")
     default_early_stop: bool = setting(False, "early stop for requests that do not say")
+    default_editing_threshold: float | None = setting(
+        None, "block-diffusion models: token editing of requests that do not say (set 0.5 for LLaDA2.1; unset: none)"
+    )
     request_timeout: float = setting(600.0, "seconds a request may take, queue time included; past it, 504")
     shutdown_grace: float = setting(30.0, "seconds SIGTERM waits for accepted work before answering it with an error")
     api_key: tuple[str, ...] = setting((), "accepted Bearer key (repeatable; env LLADA_API_KEYS, comma-separated)")
@@ -183,6 +186,8 @@ def check_config(config: ServerConfig) -> list[str]:
         problems.append(f"--max-cache-memory {config.max_cache_memory!r} is not a size: use auto, or e.g. 8G, 512M")
     if config.default_threshold is not None and not 0 < config.default_threshold <= 1:
         problems.append("--default-threshold must be in (0, 1]")
+    if config.default_editing_threshold is not None and not 0 <= config.default_editing_threshold <= 1:
+        problems.append("--default-editing-threshold must be in [0, 1]")
     if config.default_factor is not None and config.default_factor <= 0:
         problems.append("--default-factor must be positive")
     if config.default_threshold is not None and config.default_factor is not None:

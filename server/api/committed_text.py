@@ -1,7 +1,8 @@
 """An answer's text as a diffusion stream settles it, for the OpenAI routes' chunks.
 
 A denoising step reveals positions anywhere in the current block, so text is only final from the
-answer's start up to the first position still masked: the committed prefix. Each step sends the
+answer's start up to the first position still masked: the committed prefix (with LLaDA2.1's
+token editing, only up to the start of the block being decoded, which the engine reports). Each step sends the
 part of it not sent yet, minus what is still undecided: a trailing UTF-8 character whose bytes
 are not all revealed (byte-level tokens), and a tail that may begin a stop string. The answer is
 decided once the prefix holds EOS/EOT or a stop string, or covers the whole answer; the pieces
@@ -58,14 +59,17 @@ class CommittedText:
         self.sent = ""
         self.finish_reason: str | None = None  # set once the text is decided
 
-    def reveal(self, reveals: Iterable[Reveal]) -> str:
-        """Record one step's reveals; returns the text to send now ("" when none)."""
+    def reveal(self, reveals: Iterable[Reveal], settled: int | None = None) -> str:
+        """Record one step's reveals (edits overwrite); returns the text to send now ("" when none).
+        settled: how far no later step can change the answer (token editing), if not up to the
+        first mask."""
         if self.finish_reason is not None:
             return ""
         for reveal in reveals:
             self.tokens[reveal.index] = reveal.token_id
         start = self.committed
-        while self.committed < len(self.tokens) and self.tokens[self.committed] is not None:
+        end = len(self.tokens) if settled is None else settled
+        while self.committed < end and self.tokens[self.committed] is not None:
             self.committed += 1
         if self.committed == start:
             return ""

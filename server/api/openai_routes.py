@@ -186,7 +186,7 @@ async def _choice_deltas(
     try:
         async for event in handle.events():
             if isinstance(event, GenerationStep):
-                delta = text.reveal(event.reveals)
+                delta = text.reveal(event.reveals, event.settled)
             elif isinstance(event, GenerationDone):
                 delta = text.finish(event.token_ids)
             else:

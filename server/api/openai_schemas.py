@@ -27,7 +27,6 @@ class OpenAIRequest(SamplingSettings):
     stream_options: StreamOptions | None = None
     user: str | None = None
     # Accepted only at the values that leave the answer as it is (UNSUPPORTED).
-    top_p: FiniteFloat | None = None
     presence_penalty: FiniteFloat | None = None
     frequency_penalty: FiniteFloat | None = None
     logit_bias: dict[str, FiniteFloat] | None = None
@@ -75,7 +74,6 @@ UNSUPPORTED: dict[str, tuple[Callable[[object], bool], str]] = {
     "tools": (lambda v: not v, "there is no tool calling"),
     "tool_choice": (lambda v: v is None or v == "none", "there is no tool calling"),
     "response_format": (lambda v: v is None or v.get("type") == "text", "only plain text is produced"),
-    "top_p": (lambda v: v is None or v == 1, "there is no nucleus sampling; use temperature"),
     "presence_penalty": (lambda v: not v, "there are no repetition penalties"),
     "frequency_penalty": (lambda v: not v, "there are no repetition penalties"),
     "logit_bias": (lambda v: not v, "there is no logit bias; use constraints"),

@@ -133,7 +133,10 @@ async def health(request: Request) -> JSONResponse:
 async def models(request: Request) -> ModelList:
     state = state_of(request)
     info = state.info
-    return ModelList(data=[ModelCard(id=info.name, created=int(state.started_at), family=info.family)])
+    defaults = validation.family_defaults(info, state.config)
+    return ModelList(
+        data=[ModelCard(id=info.name, created=int(state.started_at), family=info.family, defaults=defaults)]
+    )
 
 
 @router.get(
@@ -223,7 +226,11 @@ async def _stream(state: ServerState, handle: RequestHandle, request_id: str, id
                     masked=event.masked,
                     unmasked=[
                         UnmaskedToken(
-                            index=r.index, token_id=r.token_id, text=token_text(r.token_id), confidence=r.confidence
+                            index=r.index,
+                            token_id=r.token_id,
+                            text=token_text(r.token_id),
+                            confidence=r.confidence,
+                            edit=r.edit,
                         )
                         for r in event.reveals
                     ],

@@ -59,12 +59,22 @@ class DiffusionSettings(BaseModel):
     threshold: FiniteFloat | None = Field(default=None, description="reveal every masked position this confident")
     factor: FiniteFloat | None = Field(default=None, description="Fast-dLLM's factor rule; not with threshold")
     early_stop: bool | None = Field(default=None, description="end the answer after a finished block with EOS")
+    # Block diffusion (LLaDA2); refused by the full-canvas models.
+    editing_threshold: FiniteFloat | None = Field(
+        default=None,
+        ge=0.0,
+        le=1.0,
+        description="LLaDA2.1's token editing; null: none (left out: the server's default)",
+    )
+    max_post_steps: int | None = Field(default=None, ge=0, description="editing iterations after a block is filled")
+    top_k: int | None = Field(default=None, ge=1, description="at temperature > 0, draw from the k most likely tokens")
 
 
 class SamplingSettings(DiffusionSettings):
     """Every setting of an answer but its prompt and length; the OpenAI routes share these names."""
 
     temperature: FiniteFloat = Field(default=0.0, ge=0.0, le=100.0)
+    top_p: FiniteFloat | None = Field(default=None, gt=0.0, le=1.0, description="nucleus sampling (block diffusion)")
     seed: Seed | None = None
 
 
@@ -101,6 +111,7 @@ class UnmaskedToken(BaseModel):
     token_id: int
     text: str
     confidence: float
+    edit: bool = False  # replaces a token written in an earlier step (LLaDA2.1's editing)
 
 
 class StepData(BaseModel):
@@ -184,6 +195,9 @@ class ModelCard(BaseModel):
     created: int
     owned_by: str = "llada-server"
     family: str = Field(description="the checkpoint's architecture (config.json `architectures`), e.g. LLaDAModelLM")
+    defaults: dict[str, float | int | str | bool | None] = Field(
+        description="the sampling settings a request that leaves them out gets (its family's, and the server's)"
+    )
 
 
 class ModelList(BaseModel):

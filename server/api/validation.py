@@ -9,7 +9,24 @@ from server.api.errors import ApiError
 from server.api.schemas import Constraint, GenerateRequest, LoglikelihoodRequest, PromptFields
 from server.config import CACHE_MODES, ServerConfig
 from server.engine.model_info import ModelInfo
-from server.engine.sampling_params import SamplingParams, ScoreParams
+from server.engine.sampling_params import BLOCK_DIFFUSION_DEFAULTS, SamplingParams, ScoreParams
+
+# Fields a family cannot honour, at the values that change nothing: name -> (harmless, why not).
+NOT_FOR_BLOCK_DIFFUSION = {
+    "cache": (lambda v: v is None, "a block-diffusion model always keeps its exact block cache"),
+    "factor": (lambda v: v is None, "block diffusion commits by threshold; use threshold"),
+    "cfg_scale": (lambda v: v == 0, "block diffusion has no classifier-free guidance"),
+    "remasking": (lambda v: v == "low_confidence", "block diffusion commits the most confident tokens"),
+    "constraints": (lambda v: not v, "block diffusion does not pin answer tokens"),
+    "logits_eos_inf": (lambda v: not v, "LLaDA's EOS rules do not apply to block diffusion"),
+    "confidence_eos_eot_inf": (lambda v: not v, "LLaDA's EOS rules do not apply to block diffusion"),
+}
+NOT_FOR_FULL_CANVAS = {
+    "editing_threshold": (lambda v: v is None, "token editing is LLaDA2.1's (block diffusion)"),
+    "max_post_steps": (lambda v: v is None, "editing iterations are LLaDA2.1's (block diffusion)"),
+    "top_k": (lambda v: v is None, "LLaDA's sampler draws from the whole distribution; use temperature"),
+    "top_p": (lambda v: v is None or v == 1, "LLaDA's sampler draws from the whole distribution; use temperature"),
+}
 
 
 def bad(message: str, param: str, code: str = "invalid_value") -> ApiError:
@@ -97,7 +114,46 @@ def constraint_tokens(constraints: list[Constraint], gen_length: int, info: Mode
     return tuple(sorted(pinned.items()))
 
 
+def refuse_unhonoured(request: GenerateRequest, info: ModelInfo) -> None:
+    """A field the served model's family cannot honour, at a value that would change something, is a
+    400 naming it."""
+    refused = NOT_FOR_BLOCK_DIFFUSION if info.block_diffusion else NOT_FOR_FULL_CANVAS
+    for name, (harmless, why) in refused.items():
+        value = getattr(request, name)
+        if not harmless(value):
+            raise bad(
+                f"{name} = {value!r} is not supported by {info.family} models: {why}", name, "unsupported_parameter"
+            )
+
+
+def family_defaults(info: ModelInfo, config: ServerConfig) -> dict:
+    """The settings a request that leaves them out gets (GET /v1/models lists them)."""
+    base = SamplingParams()
+    if info.block_diffusion:
+        return {
+            "gen_length": base.gen_length,
+            **BLOCK_DIFFUSION_DEFAULTS,
+            "threshold": config.default_threshold or BLOCK_DIFFUSION_DEFAULTS["threshold"],
+            "editing_threshold": config.default_editing_threshold,
+            "early_stop": config.default_early_stop,
+            "temperature": base.temperature,
+        }
+    return {
+        "gen_length": base.gen_length,
+        "steps": base.steps,
+        "block_length": base.block_length,
+        "temperature": base.temperature,
+        "cache": config.default_cache,
+        "threshold": config.default_threshold,
+        "factor": config.default_factor,
+        "early_stop": config.default_early_stop,
+    }
+
+
 def sampling_params(request: GenerateRequest, prompt_len: int, info: ModelInfo, config: ServerConfig) -> SamplingParams:
+    refuse_unhonoured(request, info)
+    if info.block_diffusion:
+        return block_params(request, prompt_len, info, config)
     gen_length = with_default(request, "gen_length", config.max_gen_length)
     steps = with_default(request, "steps", config.max_steps)
     if gen_length > config.max_gen_length:
@@ -134,6 +190,51 @@ def sampling_params(request: GenerateRequest, prompt_len: int, info: ModelInfo, 
     )
 
 
+def block_params(request: GenerateRequest, prompt_len: int, info: ModelInfo, config: ServerConfig) -> SamplingParams:
+    """A block-diffusion request: the family's defaults for what it leaves out (threshold: the
+    request's, even null, else --default-threshold, else the authors' 0.95; editing likewise)."""
+    defaults = family_defaults(info, config)
+    gen_length = with_default(request, "gen_length", config.max_gen_length)
+    if gen_length > config.max_gen_length:
+        raise bad(
+            f"gen_length {gen_length} is over the limit {config.max_gen_length} (--max-gen-length)",
+            "gen_length",
+            "over_limit",
+        )
+    steps = request.steps if "steps" in request.model_fields_set else defaults["steps"]
+    if steps > config.max_steps:
+        raise bad(f"steps {steps} is over the limit {config.max_steps} (--max-steps)", "steps", "over_limit")
+    block_length = request.block_length or defaults["block_length"]
+    canvas = -(-(prompt_len + gen_length) // block_length) * block_length
+    if canvas > info.max_sequence_length:
+        raise bad(
+            f"prompt ({prompt_len} tokens) plus gen_length ({gen_length}), rounded up to whole blocks of "
+            f"{block_length}, is {canvas} positions, over the model's max_sequence_length {info.max_sequence_length}",
+            "gen_length",
+            "too_long",
+        )
+    threshold = request.threshold if "threshold" in request.model_fields_set else defaults["threshold"]
+    if threshold is not None and not 0 < threshold <= 1:
+        raise bad(f"threshold {threshold:g} is not in (0, 1]", "threshold")
+    fields = request.model_fields_set
+    editing = request.editing_threshold if "editing_threshold" in fields else defaults["editing_threshold"]
+    post_steps = request.max_post_steps if request.max_post_steps is not None else defaults["max_post_steps"]
+    early_stop = request.early_stop if request.early_stop is not None else defaults["early_stop"]
+    return SamplingParams(
+        gen_length=gen_length,
+        steps=steps,
+        block_length=block_length,
+        temperature=request.temperature,
+        seed=request.seed,
+        threshold=threshold,
+        early_stop=early_stop,
+        editing_threshold=editing,
+        max_post_steps=post_steps,
+        top_k=request.top_k,
+        top_p=request.top_p,
+    )
+
+
 def fast_decoding(request: GenerateRequest, config: ServerConfig) -> dict:
     """cache, threshold, factor and early_stop: the request's, or the server's defaults for what it
     leaves out (a request that names threshold or factor, even as null, takes neither default)."""
@@ -157,6 +258,13 @@ def fast_decoding(request: GenerateRequest, config: ServerConfig) -> dict:
 def score_inputs(
     request: LoglikelihoodRequest, info: ModelInfo, config: ServerConfig
 ) -> tuple[list[tuple[list[int], list[int]]], ScoreParams]:
+    if info.block_diffusion:
+        raise bad(
+            f"{info.family} is a block-diffusion model: this server has no log-likelihood estimator for it "
+            "(LLaDA's estimator assumes full bidirectional attention); score with a LLaDA-8B-family model",
+            "requests",
+            "unsupported_model",
+        )
     if len(request.requests) > config.max_score_requests:
         raise bad(
             f"{len(request.requests)} requests in one call; the limit is {config.max_score_requests} "

@@ -273,7 +273,8 @@ def check_stream(
         last_block = data["block"]
         assert data["unmasked"], f"step {number} revealed nothing"
         for reveal in data["unmasked"]:
-            assert set(reveal) == {"index", "token_id", "text", "confidence"}
+            assert set(reveal) == {"index", "token_id", "text", "confidence", "edit"}
+            assert reveal["edit"] is False  # LLaDA never rewrites a revealed token
             index = reveal["index"]
             assert 0 <= index < gen_length
             assert data["block"] * block_length <= index < (data["block"] + 1) * block_length
