@@ -7,6 +7,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+import torch
 from fastapi.testclient import TestClient
 
 from server.api.app import create_app
@@ -17,6 +18,17 @@ from tests.support import ServerProcess
 
 # Small enough that a step takes milliseconds on a CPU, big enough to be a real transformer.
 TINY = dict(d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, mlp_hidden_size=64)
+
+
+@pytest.fixture(scope="module")
+def one_thread() -> Iterator[None]:
+    """For a module of plain references (many matmuls of a few dozen values): one intra-op thread,
+    so a busy second core cannot stall every op at an OpenMP barrier (measured: a LLaDA2 reference
+    answer 0.23 s on one thread, 31 s on two beside a busy process); restored afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")

@@ -449,3 +449,233 @@ def load_checkpoint(folder: Path) -> tuple[dict[str, torch.Tensor], dict]:
 
     folder = Path(folder)
     return load_file(str(folder / WEIGHTS_FILE)), json.loads((folder / "config.json").read_text())
+
+
+# --------------------------------------------------------------------------------------------
+# LLaDA2.0 / 2.1: fused QKV, per-head q/k RMSNorm, partial RoPE, GQA, dense layer 0, sigmoid
+# group-limited router with expert bias, shared expert, untied head; block diffusion sampling
+#
+# config.json: the keys of the released LLaDA2.0-mini config (inclusionAI/dFactory
+# configs/model_configs/llada2_mini/config.json, whose model_type there is the training variant
+# "llada2_moe_veomni"; the checkpoints say "llada2_moe") plus `use_qk_norm` / `router_dtype`.
+# Released configs list pad_token_id (= EOS) but no bos / eos / mask ids: the tokenizer gives them
+# (`<|mask|>` by its string, as LLaDA-MoE). Tensor names: `LLaDA2MoeModelLM.state_dict()` of the
+# published modeling_llada2_moe.py. Special-token strings are the published ones at tiny ids with
+# the published offsets from BOS (real: BOS 156891, EOS 156892, mask 156895; the ids of `<role>`,
+# `</role>`, `<|role_end|>` were not found and are invented as for LLaDA-MoE); the bench shape
+# (vocabulary 157184) puts BOS / EOS / mask at the real ids. The chat template is written in the
+# published turn shape `<role>SYSTEM</role>...<|role_end|><role>HUMAN</role>...<|role_end|>
+# <role>ASSISTANT</role>` (the real template was not found; no default system turn is added).
+
+LLADA2_SPECIAL_OFFSETS = {
+    "<|startoftext|>": 0,
+    "<|endoftext|>": 1,
+    "<role>": 2,
+    "</role>": 3,
+    "<|mask|>": 4,
+    "<|role_end|>": 5,
+}
+LLADA2_BYTE_OFFSET = 0
+LLADA2_REAL_BOS_ID = 156891
+LLADA2_BOS_ID = 300
+LLADA2_EOS_ID = 301
+LLADA2_MASK_ID = 304
+LLADA2_ROLE_END_ID = 305
+
+LLADA2_SHAPE = dict(
+    vocab_size=320,
+    hidden_size=48,  # != num_attention_heads x head_dim (64): a loader must read head_dim
+    num_hidden_layers=3,  # layer 0 dense, layers 1-2 MoE
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    partial_rotary_factor=0.5,  # RoPE on 8 of 16 dims
+    intermediate_size=96,
+    moe_intermediate_size=32,
+    num_experts=8,
+    num_experts_per_tok=2,
+    n_group=4,
+    topk_group=2,
+    num_shared_experts=1,
+    first_k_dense_replace=1,
+    bos_token_id=LLADA2_BOS_ID,
+    # scales of the random weights (see llada2_state_dict)
+    head_gain=10.0,
+    eos_gain=2.2,
+)
+# benchmark size: real vocabulary and special ids, 64 experts in 4 groups
+LLADA2_BENCH_SHAPE = dict(
+    vocab_size=157184,
+    hidden_size=256,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=64,
+    partial_rotary_factor=0.5,
+    intermediate_size=512,
+    moe_intermediate_size=64,
+    num_experts=64,
+    num_experts_per_tok=8,
+    n_group=4,
+    topk_group=2,
+    num_shared_experts=1,
+    first_k_dense_replace=1,
+    bos_token_id=LLADA2_REAL_BOS_ID,
+    head_gain=40.0,
+    eos_gain=1.0,
+)
+
+
+def llada2_special_tokens(shape: dict | None = None) -> dict[str, int]:
+    bos = (shape or LLADA2_SHAPE)["bos_token_id"]
+    return {token: bos + offset for token, offset in LLADA2_SPECIAL_OFFSETS.items()}
+
+
+def llada2_ids(shape: dict | None = None) -> dict[str, int]:
+    """bos / eos / mask / role_end ids of a LLaDA2 folder written with `shape`."""
+    bos = (shape or LLADA2_SHAPE)["bos_token_id"]
+    return {"bos": bos, "eos": bos + 1, "mask": bos + 4, "role_end": bos + 5}
+
+
+LLADA2_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'user' %}{% set role = 'HUMAN' %}"
+    "{% else %}{% set role = message['role'] | upper %}{% endif %}"
+    "{{ '<role>' + role + '</role>' + message['content'] + '<|role_end|>' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<role>ASSISTANT</role>' }}{% endif %}"
+)
+
+
+def llada2_config(shape: dict | None = None) -> dict:
+    """config.json of a LLaDA2 folder: the released LLaDA2.0-mini keys, tiny values."""
+    s = shape or LLADA2_SHAPE
+    return {
+        "architectures": ["LLaDA2MoeModelLM"],
+        "attention_dropout": 0.0,
+        "num_hidden_layers": s["num_hidden_layers"],
+        "hidden_size": s["hidden_size"],
+        "intermediate_size": s["intermediate_size"],
+        "first_k_dense_replace": s["first_k_dense_replace"],
+        "hidden_act": "silu",
+        "max_position_embeddings": 16384,
+        "model_type": "llada2_moe",
+        "moe_intermediate_size": s["moe_intermediate_size"],
+        "norm_topk_prob": True,
+        "num_experts_per_tok": s["num_experts_per_tok"],
+        "norm_head": False,
+        "num_attention_heads": s["num_attention_heads"],
+        "num_experts": s["num_experts"],
+        "num_key_value_heads": s["num_key_value_heads"],
+        "rope_theta": 600000,
+        "rope_scaling": None,
+        "tie_word_embeddings": False,
+        "torch_dtype": "bfloat16",
+        "transformers_version": "4.52.3",
+        "use_bias": False,
+        "use_rmsnorm": True,
+        "rms_norm_eps": 1e-06,
+        "head_dim": s["head_dim"],
+        "num_shared_experts": s["num_shared_experts"],
+        "use_cache": False,
+        "use_qkv_bias": False,
+        "use_qk_norm": True,
+        "embedding_dropout": 0.0,
+        "norm_softmax": False,
+        "output_dropout": 0.0,
+        "vocab_size": s["vocab_size"],
+        "rotary_dim": int(s["head_dim"] * s["partial_rotary_factor"]),
+        "using_split_qkv_in_self_attention": False,
+        "router_dtype": "fp32",
+        "moe_router_enable_expert_bias": True,
+        "routed_scaling_factor": 2.5,
+        "n_group": s["n_group"],
+        "topk_group": s["topk_group"],
+        "score_function": "sigmoid",
+        "initializer_range": 0.02,
+        "max_window_layers": 28,
+        "output_router_logits": False,
+        "pad_token_id": llada2_ids(s)["eos"],
+        "partial_rotary_factor": s["partial_rotary_factor"],
+        "use_sliding_window": False,
+    }
+
+
+def llada2_tokenizer_config(shape: dict | None = None) -> dict:
+    return {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": "<|startoftext|>",
+        "eos_token": "<|endoftext|>",
+        "pad_token": "<|endoftext|>",
+        "add_bos_token": False,
+        "add_eos_token": False,
+        "model_max_length": 16384,
+        "chat_template": LLADA2_CHAT_TEMPLATE,
+    }
+
+
+def llada2_state_dict(seed: int = 0, shape: dict | None = None) -> dict[str, torch.Tensor]:
+    """Random weights under the published LLaDA2MoeModelLM names.
+
+    The LM head is scaled by `head_gain` so that a masked position's softmax is often sharp (at
+    threshold 0.5-0.95 some iterations commit several tokens, others one); the EOS row is
+    `eos_gain` times longer so that some answers end within ~64 tokens; the mask token's row and
+    the rows of ids no token string stands for are zero, so the model never predicts them.
+    expert_bias is non-zero, so that selection (biased) and weighting (unbiased) differ."""
+    s = shape or LLADA2_SHAPE
+    d, hd = s["hidden_size"], s["head_dim"]
+    nh, nkv = s["num_attention_heads"], s["num_key_value_heads"]
+    E, V = s["num_experts"], s["vocab_size"]
+    ids = llada2_ids(s)
+    draw = _Draw(seed)
+    state = {"model.word_embeddings.weight": draw.embedding(V, d)}
+    for i in range(s["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        state[p + "input_layernorm.weight"] = draw.norm(d)
+        state[p + "attention.query_key_value.weight"] = torch.cat(
+            [draw.matrix(nh * hd, d, gain=2.0), draw.matrix(nkv * hd, d, gain=2.0), draw.matrix(nkv * hd, d)]
+        )
+        state[p + "attention.query_layernorm.weight"] = draw.norm(hd)
+        state[p + "attention.key_layernorm.weight"] = draw.norm(hd)
+        state[p + "attention.dense.weight"] = draw.matrix(d, nh * hd)
+        state[p + "post_attention_layernorm.weight"] = draw.norm(d)
+        if i < s["first_k_dense_replace"]:
+            state[p + "mlp.gate_proj.weight"] = draw.matrix(s["intermediate_size"], d)
+            state[p + "mlp.up_proj.weight"] = draw.matrix(s["intermediate_size"], d)
+            state[p + "mlp.down_proj.weight"] = draw.matrix(d, s["intermediate_size"])
+        else:
+            state[p + "mlp.gate.weight"] = draw.matrix(E, d, gain=2.0)
+            state[p + "mlp.gate.expert_bias"] = 0.3 * torch.randn(E, generator=draw.g)
+            m = s["moe_intermediate_size"]
+            for e in range(E):
+                q = f"{p}mlp.experts.{e}."
+                state[q + "gate_proj.weight"] = draw.matrix(m, d, gain=2.0)
+                state[q + "up_proj.weight"] = draw.matrix(m, d, gain=2.0)
+                state[q + "down_proj.weight"] = draw.matrix(d, m)
+            m_shared = m * s["num_shared_experts"]
+            state[p + "mlp.shared_experts.gate_proj.weight"] = draw.matrix(m_shared, d)
+            state[p + "mlp.shared_experts.up_proj.weight"] = draw.matrix(m_shared, d)
+            state[p + "mlp.shared_experts.down_proj.weight"] = draw.matrix(d, m_shared)
+    state["model.norm.weight"] = draw.norm(d)
+    head = draw.matrix(V, d, gain=s["head_gain"])
+    head[ids["eos"]] *= s["eos_gain"]
+    # ids no token string stands for (between the bytes and the special tokens, after them) and
+    # the mask token: zero rows, never the argmax of a row of sharp logits
+    known = set(range(LLADA2_BYTE_OFFSET, LLADA2_BYTE_OFFSET + 256)) | set(llada2_special_tokens(s).values())
+    unknown = torch.tensor([i for i in range(V) if i not in known or i == ids["mask"]], dtype=torch.long)
+    head[unknown] = 0.0
+    state["lm_head.weight"] = head
+    return state
+
+
+def write_llada2_checkpoint(folder: Path, *, shape: dict | None = None, seed: int = 0) -> Path:
+    """A LLaDA2-layout folder (`LLaDA2MoeModelLM`, model_type llada2_moe) with random fp32
+    weights from `seed`. shape: LLADA2_SHAPE (default, tiny) or LLADA2_BENCH_SHAPE (real
+    vocabulary and special ids); `llada2_ids(shape)` gives its bos / eos / mask / role_end ids."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    s = shape or LLADA2_SHAPE
+    (folder / "config.json").write_text(json.dumps(llada2_config(s), indent=2))
+    _write_tokenizer(folder, build_tokenizer(LLADA2_BYTE_OFFSET, llada2_special_tokens(s)), llada2_tokenizer_config(s))
+    _save_weights(folder, llada2_state_dict(seed, s))
+    return folder

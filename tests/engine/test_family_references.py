@@ -35,6 +35,8 @@ from tests.reference.fast_sampler import reference_fast_generate
 from tests.reference.likelihood import reference_loglikelihood
 from tests.reference.sampler import reference_generate
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 def _tokenizer(folder) -> PreTrainedTokenizerFast:
     settings = json.loads((folder / "tokenizer_config.json").read_text())
@@ -51,16 +53,6 @@ def _tokenizer(folder) -> PreTrainedTokenizerFast:
 def _tensor_names(folder) -> dict[str, tuple[int, ...]]:
     with safe_open(str(folder / WEIGHTS_FILE), framework="pt") as f:
         return {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The references run tensors of a few dozen values: one thread, so a busy second core
-    cannot stall every matmul at an OpenMP barrier (restored afterwards)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -35,19 +35,10 @@ from tests.reference.model import (
     rope_cos_sin,
 )
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 # the fidelity tests' tiny models, as fixtures of this module too
 demo, gqa, eos_heavy = fidelity.demo, fidelity.gqa, fidelity.eos_heavy
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The reference runs many tiny matmuls, where a second intra-op thread costs more than it
-    saves, several times over when other processes share the two cores (measured: 33 s against
-    175 s for this module under load)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 _answers: dict = {}  # every run is deterministic: compute each once
