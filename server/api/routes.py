@@ -134,9 +134,14 @@ async def models(request: Request) -> ModelList:
     state = state_of(request)
     info = state.info
     defaults = validation.family_defaults(info, state.config)
-    return ModelList(
-        data=[ModelCard(id=info.name, created=int(state.started_at), family=info.family, defaults=defaults)]
+    card = ModelCard(
+        id=info.name,
+        created=int(state.started_at),
+        family=info.family,
+        block_diffusion=info.block_diffusion,
+        defaults=defaults,
     )
+    return ModelList(data=[card])
 
 
 @router.get(

@@ -195,6 +195,7 @@ class ModelCard(BaseModel):
     created: int
     owned_by: str = "llada-server"
     family: str = Field(description="the checkpoint's architecture (config.json `architectures`), e.g. LLaDAModelLM")
+    block_diffusion: bool = Field(description="decoded block by block (LLaDA2) rather than on LLaDA's full canvas")
     defaults: dict[str, float | int | str | bool | None] = Field(
         description="the sampling settings a request that leaves them out gets (its family's, and the server's)"
     )

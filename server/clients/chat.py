@@ -67,7 +67,7 @@ class Progress:
         self.revealed = 0
 
     def step(self, step: dict) -> None:
-        self.revealed += len(step["unmasked"])
+        self.revealed += sum(not reveal["edit"] for reveal in step["unmasked"])  # an edit rewrites a revealed one
         if self.live:
             total = self.revealed + step["masked"]
             self.out.write(f"{CLEAR_LINE}denoising: step {step['step']}, {self.revealed}/{total} revealed")

@@ -1,20 +1,27 @@
 "use strict";
 // The page is a client of the public API and nothing else: POST /v1/generate with stream: true
 // (read with fetch and a stream reader, since EventSource cannot POST), /v1/tokenize for the
-// positions pinned words cover, and /v1/models to learn the model's name and whether a key is
-// needed. Each step event repaints only the positions it reveals.
+// positions pinned words cover, and /v1/models to learn the model's name, its family's settings
+// and defaults, and whether a key is needed. Each step event repaints only the positions it
+// reveals (or edits).
 
 const $ = (id) => document.getElementById(id);
 
 const INTEGER_FIELDS = ["gen_length", "steps", "block_length"];
 const NUMBER_FIELDS = ["temperature", "cfg_scale"];
 const FLAG_FIELDS = ["logits_eos_inf", "confidence_eos_eot_inf"];
-// Fast decoding is opt-in: each field is sent only when it differs from the server's default,
-// so a request with these untouched is the exact sampler's, field for field.
-const FAST_DEFAULTS = { cache: "none", early_stop: false };
+// Fast decoding: each field is sent only when it differs from the server's default (GET /v1/models
+// says which), so a request with these untouched gets what the server would choose.
+const FAST_DEFAULTS = { cache: "none", threshold: null, early_stop: false };
 const SPECIAL_NAMES = { "<|endoftext|>": "EOS", "<|eot_id|>": "EOT" };
 
-const chat = { history: [], controller: null };
+// Block-diffusion models (LLaDA2) take these instead of LLaDA's guidance, remasking, pins and cache.
+// The thresholds start at the server's defaults, so an emptied one is sent as null (none); the
+// others are sent only when filled in.
+const BLOCK_THRESHOLDS = ["threshold", "editing_threshold"];
+const BLOCK_OPTIONAL = ["max_post_steps", "top_k", "top_p"];
+
+const chat = { history: [], controller: null, blockDiffusion: false };
 
 // ---------------------------------------------------------------------------- requests
 
@@ -109,6 +116,23 @@ function numberField(id) {
 
 // The generation settings as /v1/generate fields; a FieldError names the input to fix.
 function readSettings() {
+  return chat.blockDiffusion ? readBlockSettings() : readCanvasSettings();
+}
+
+function readBlockSettings() {
+  const body = { constraints: [] };
+  for (const id of INTEGER_FIELDS) body[id] = numberField(id);
+  body.temperature = numberField("temperature");
+  if ($("seed").value.trim() !== "") body.seed = numberField("seed");
+  for (const id of BLOCK_THRESHOLDS) body[id] = $(id).value.trim() === "" ? null : numberField(id);
+  for (const id of BLOCK_OPTIONAL) {
+    if ($(id).value.trim() !== "") body[id] = numberField(id);
+  }
+  if ($("early_stop").checked) body.early_stop = true;
+  return body;
+}
+
+function readCanvasSettings() {
   const body = {};
   for (const id of INTEGER_FIELDS) body[id] = numberField(id);
   for (const id of NUMBER_FIELDS) body[id] = numberField(id);
@@ -123,6 +147,8 @@ function readSettings() {
       throw new FieldError("threshold", "Confidence threshold: leave it empty or give 0 < t <= 1");
     }
     body.threshold = threshold;
+  } else if (FAST_DEFAULTS.threshold !== null) {
+    body.threshold = null; // emptied: the fixed schedule, not the server's default threshold
   }
   if ($("early_stop").checked !== FAST_DEFAULTS.early_stop) body.early_stop = $("early_stop").checked;
   return body;
@@ -157,7 +183,7 @@ function tokenLabel(text) {
 }
 
 // LLADA.md "The authors' denoising view": masked grey; newly revealed red / orange / green by
-// confidence; revealed in an earlier step blue.
+// confidence; revealed in an earlier step blue; a token LLaDA2.1 edited purple.
 class AnswerCanvas {
   constructor(element, length, pinned) {
     this.fresh = [];
@@ -180,17 +206,18 @@ class AnswerCanvas {
 
   step(event) {
     for (const cell of this.fresh) {
-      cell.classList.remove(...CONFIDENCE_CLASSES);
+      cell.classList.remove(...CONFIDENCE_CLASSES, "edited");
       cell.classList.add("earlier");
     }
     this.fresh = [];
     for (const reveal of event.unmasked) {
       const cell = this.cells[reveal.index];
       const { label, special } = tokenLabel(reveal.text);
-      cell.className = `tok ${confidenceClass(reveal.confidence)}`;
+      cell.className = `tok ${reveal.edit ? "edited" : confidenceClass(reveal.confidence)}`;
       cell.classList.toggle("special", special);
       cell.textContent = label;
-      cell.title = `position ${reveal.index}: confidence ${reveal.confidence.toFixed(3)}, step ${event.step}`;
+      const what = reveal.edit ? "edited, " : "";
+      cell.title = `position ${reveal.index}: ${what}confidence ${reveal.confidence.toFixed(3)}, step ${event.step}`;
       this.fresh.push(cell);
     }
   }
@@ -315,10 +342,11 @@ async function send(prompt) {
       if (event.name === "step") {
         step = event.data.step;
         nfe += 1;
-        figures.revealed += event.data.unmasked.length;
+        figures.revealed += event.data.unmasked.filter((reveal) => !reveal.edit).length;
         canvas.step(event.data);
         figures.show(step, nfe, event.data.masked);
-        setStatus(`Denoising block ${event.data.block + 1} of ${blocks}…`);
+        // block diffusion numbers blocks from the sequence's start, not the answer's
+        setStatus(chat.blockDiffusion ? `Denoising block ${event.data.block}…` : `Denoising block ${event.data.block + 1} of ${blocks}…`);
       } else if (event.name === "done") {
         const done = event.data;
         canvas.finish();
@@ -371,7 +399,25 @@ async function showModel() {
   }
   if (response.ok) {
     const models = await response.json();
-    $("model-name").textContent = models.data.length ? models.data[0].id : "";
+    if (!models.data.length) return;
+    const model = models.data[0];
+    $("model-name").textContent = model.id;
+    showFamily(model.block_diffusion, model.defaults);
+  }
+}
+
+// Only the settings the model's family honours are shown, at the family's defaults.
+function showFamily(blockDiffusion, defaults) {
+  chat.blockDiffusion = blockDiffusion;
+  for (const element of document.querySelectorAll(".only-full")) element.hidden = blockDiffusion;
+  for (const element of document.querySelectorAll(".only-block")) element.hidden = !blockDiffusion;
+  for (const id of [...INTEGER_FIELDS, "threshold", "editing_threshold", "max_post_steps"]) {
+    if (defaults[id] !== undefined) $(id).value = defaults[id] === null ? "" : defaults[id];
+  }
+  $("early_stop").checked = Boolean(defaults.early_stop);
+  if (!blockDiffusion) {
+    Object.assign(FAST_DEFAULTS, { cache: defaults.cache, threshold: defaults.threshold, early_stop: defaults.early_stop });
+    $("cache").value = defaults.cache;
   }
 }
 
