@@ -14,11 +14,11 @@ import pytest
 import torch
 
 from server.engine.denoiser import Denoiser, generate_batch
-from server.engine.full_canvas import DenoiseJob
 from server.engine.engine import Engine, EngineSettings
 from server.engine.errors import PoolTooLarge
 from server.engine.events import GenerationDone, JobFailed, ScoringDone
 from server.engine.faults import FaultInjector, FaultyModel
+from server.engine.full_canvas import DenoiseJob
 from server.engine.likelihood import Scorer, ScoringJob, score_pairs
 from server.engine.sampling_params import SamplingParams, ScoreParams
 
