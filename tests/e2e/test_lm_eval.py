@@ -32,17 +32,17 @@ def samples(out: Path, task: str) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-def test_lm_eval_numbers_are_the_servers(start_server, tiny_checkpoint, tmp_path):
-    server = start_server("--model", str(tiny_checkpoint), "--api-key", KEY, "--shutdown-grace", "5")
+def run_eval(url: str, tasks: list[str], model_args: dict, tmp_path: Path, key: str | None = None) -> tuple[Path, dict]:
+    """`llada-server eval` (the real lm-eval, offline) on the local tasks: its output folder and results."""
     shutil.copytree(TASKS, tmp_path / "tasks")
     out = tmp_path / "out"
-    model_args = ",".join([f"base_url={server.url}", *(f"{k}={v}" for k, v in MODEL_ARGS.items())])
+    args = ",".join([f"base_url={url}", *(f"{k}={v}" for k, v in model_args.items())])
     offline = {"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
     result = subprocess.run(
-        [sys.executable, "-m", "server", "eval", "--include_path", ".", "--tasks", "llada_mc", "llada_gen"]
-        + ["--model_args", model_args, "--log_samples", "--output_path", str(out)],
+        [sys.executable, "-m", "server", "eval", "--include_path", ".", "--tasks", *tasks]
+        + ["--model_args", args, "--log_samples", "--output_path", str(out)],
         cwd=tmp_path / "tasks",
-        env={**os.environ, **offline, "LLADA_API_KEY": KEY, "PYTHONPATH": str(REPO_ROOT)},
+        env={**os.environ, **offline, "PYTHONPATH": str(REPO_ROOT), **({"LLADA_API_KEY": key} if key else {})},
         capture_output=True,
         text=True,
         timeout=300,
@@ -50,7 +50,12 @@ def test_lm_eval_numbers_are_the_servers(start_server, tiny_checkpoint, tmp_path
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     (results_file,) = out.rglob("results_*.json")
-    results = json.loads(results_file.read_text())["results"]
+    return out, json.loads(results_file.read_text())["results"]
+
+
+def test_lm_eval_numbers_are_the_servers(start_server, tiny_checkpoint, tmp_path):
+    server = start_server("--model", str(tiny_checkpoint), "--api-key", KEY, "--shutdown-grace", "5")
+    out, results = run_eval(server.url, ["llada_mc", "llada_gen"], MODEL_ARGS, tmp_path, KEY)
 
     with httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {KEY}"}, timeout=HTTP_TIMEOUT) as client:
         correct = []
