@@ -120,10 +120,12 @@ class Engine:
         if pages * params.rows > self.scheduler.max_cache_pages:
             needs = pages * params.rows * self.page_bytes / 2**20
             allows = self.scheduler.max_cache_pages * self.page_bytes / 2**20
+            # a block-diffusion model always caches: only the request's length can change
+            param, option = ("gen_length", "") if self.info.block_diffusion else ("cache", "use cache none, ")
             raise RequestTooLarge(
-                "cache",
+                param,
                 f"this request's KV cache needs {needs:.1f} MiB but --max-cache-memory allows {allows:.1f} MiB; "
-                "use cache none, a shorter request, or a larger --max-cache-memory",
+                f"{option}a shorter request, or a larger --max-cache-memory",
             )
         request = self.denoiser.new_job(prompt_ids, params, report_steps, sink=sink)
         if len(params.constraints) == params.gen_length:  # every answer position is pinned

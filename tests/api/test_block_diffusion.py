@@ -149,3 +149,11 @@ def test_openai_top_p_and_top_k_apply_to_block_diffusion(client, llada2):
     assert first.status_code == 200, first.text
     again = client.post("/v1/completions", json={**body, "top_p": 0.9, "top_k": 3})
     assert first.json()["choices"][0]["text"] == again.json()["choices"][0]["text"]
+
+
+def test_a_request_whose_cache_could_never_fit_is_a_400_naming_gen_length(llada2):
+    with app_client(llada2, max_cache_memory="64K") as c:  # 5 pages of 16 tokens
+        response = c.post("/v1/generate", json={"prompt": "hi", "gen_length": 200})
+        error = assert_error(response, 400, "invalid_request_error", param="gen_length")
+        assert "--max-cache-memory" in error["message"] and "cache none" not in error["message"]
+        assert generate(c, gen_length=8)["token_ids"]  # a short one still runs

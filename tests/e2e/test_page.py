@@ -18,6 +18,7 @@ import httpx
 import pytest
 from playwright.sync_api import BrowserContext, Page, Request, sync_playwright
 
+from tests import family
 from tests.support import ServerProcess, scrape, wait_for
 
 from . import HTTP_TIMEOUT, stream_events
@@ -40,7 +41,7 @@ UNAUTHORIZED = "Failed to load resource: the server responded with a status of 4
 
 # Installed in the page by the test: one record per DOM change of the answer canvas (the step
 # figure and each position's colour class), so frames replaced within milliseconds are all seen.
-COLOURS = ("masked", "new-low", "new-mid", "new-high", "earlier")
+COLOURS = ("masked", "new-low", "new-mid", "new-high", "earlier", "edited")
 RECORD_FRAMES = """(colours) => {
   window.frames_seen = [];
   const canvas = document.getElementById("canvas");
@@ -367,3 +368,37 @@ def test_a_phone_window_and_the_keyboard_alone_are_enough(server, open_page):
         box = page.locator(selector).bounding_box()
         assert box["x"] >= 0 and box["x"] + box["width"] <= 390, (selector, box)
     run.assert_clean(server)
+
+
+def test_a_llada2_server_gets_its_own_settings_and_edits_show_purple(tmp_path_factory, open_page):
+    folder = family.write_llada2_checkpoint(tmp_path_factory.mktemp("page-llada2") / "llada2")
+    process = ServerProcess(["--model", str(folder), "--shutdown-grace", "5"], folder.parent / "server.log")
+    try:
+        process.wait_ready()
+        run = open_page(process)
+        run.page.wait_for_function("() => document.getElementById('model-name').textContent !== ''")
+        assert run.page.is_hidden("#cfg_scale") and run.page.is_hidden("#cache") and run.page.is_hidden("#constraints")
+        assert run.page.is_visible("#editing_threshold")
+        assert (run.page.input_value("#steps"), run.page.input_value("#threshold")) == ("32", "0.95")
+        run.ask("Tell me a story about a fox.", gen_length=48, threshold=0.5, editing_threshold=0, max_post_steps=4)
+        (text,) = run.wait_for_answers(1)
+        (body,) = run.generate_bodies()
+        assert body == {
+            "messages": [{"role": "user", "content": "Tell me a story about a fox."}],
+            "constraints": [],
+            "gen_length": 48,
+            "steps": 32,
+            "block_length": 32,
+            "temperature": 0,
+            "threshold": 0.5,
+            "editing_threshold": 0,
+            "max_post_steps": 4,
+            "stream": True,
+        }
+        assert text == server_answer(process, body)["text"]
+        assert any("edited" in frame["colours"] for frame in run.frames()), "an edit is painted purple"
+        colour = run.page.eval_on_selector(".legend .tok.edited", "e => getComputedStyle(e).backgroundColor")
+        assert colour == "rgb(176, 124, 216)"  # #b07cd8, as the README says
+        run.assert_clean(process)
+    finally:
+        process.stop()

@@ -406,13 +406,17 @@ async function showModel() {
   }
 }
 
-// Only the settings the model's family honours are shown, at the family's defaults.
+// Only the settings the model's family honours are shown, at the family's defaults (a field
+// already changed by the time the answer comes keeps its value).
 function showFamily(blockDiffusion, defaults) {
   chat.blockDiffusion = blockDiffusion;
   for (const element of document.querySelectorAll(".only-full")) element.hidden = blockDiffusion;
   for (const element of document.querySelectorAll(".only-block")) element.hidden = !blockDiffusion;
   for (const id of [...INTEGER_FIELDS, "threshold", "editing_threshold", "max_post_steps"]) {
-    if (defaults[id] !== undefined) $(id).value = defaults[id] === null ? "" : defaults[id];
+    const input = $(id);
+    if (defaults[id] !== undefined && input.value === input.defaultValue) {
+      input.value = defaults[id] === null ? "" : defaults[id];
+    }
   }
   $("early_stop").checked = Boolean(defaults.early_stop);
   if (!blockDiffusion) {
