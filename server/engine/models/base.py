@@ -7,12 +7,13 @@ import torch
 from torch import nn
 
 from server.engine.models.layers import rotary_tables
-from server.engine.packed import RowInput, pack
+from server.engine.packed import PackedBatch, RowInput, pack
 
 
 class PackedModel(nn.Module):
-    """Subclasses set `config` (with head_dim, rope_theta, max_sequence_length), implement
-    `forward(batch) -> hidden states of the kept tokens`, `logits(hidden)` and `embedding`."""
+    """Subclasses set `config` (with head_dim, rope_theta, max_sequence_length) and name their
+    parts: `embedding`, `layers` (each called as layer(x, cos, sin, batch, index, keep)),
+    `final_norm` and `head`."""
 
     tied_parameters: tuple[str, ...] = ()
     rotary_dims: int | None = None  # rotated dims of a head (all when None)
@@ -20,6 +21,21 @@ class PackedModel(nn.Module):
     def __init__(self):
         super().__init__()
         self._rotary: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def forward(self, batch: PackedBatch) -> torch.Tensor:
+        """Hidden states before the final norm of the tokens batch.keep names, or of every token:
+        the last layer still computes every token's keys and values (attention, the cache) but its
+        output projection and MLP only the kept tokens'."""
+        x = self.embedding(batch.ids)
+        cos, sin = self.rotary_at(batch.positions)
+        last = len(self.layers) - 1
+        for index, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, batch, index, batch.keep if index == last else None)
+        return x
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The LM head on the given hidden states only, as float32."""
+        return self.head(self.final_norm(hidden)).float()
 
     def tie_weights(self) -> None:
         """Re-point aliased parameters after loading (models with a tied head override it)."""

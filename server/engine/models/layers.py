@@ -82,3 +82,12 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: PackedBa
             keys, values = k[rows].unflatten(0, (run.count, run.length)), v[rows].unflatten(0, (run.count, run.length))
         out[rows] = attend(q[rows].unflatten(0, (run.count, run.length)), keys, values)
     return out
+
+
+def residual(x: torch.Tensor, attn: torch.Tensor, keep: torch.Tensor | None, out_proj, mlp, mlp_norm) -> torch.Tensor:
+    """The rest of a pre-norm layer after attention: x + out_proj(attn), then + mlp(mlp_norm(x)),
+    for the kept tokens only (the last layer's keep) or every token."""
+    if keep is not None:
+        x, attn = x[keep], attn[keep]
+    x = x + out_proj(attn)
+    return x + mlp(mlp_norm(x))

@@ -16,7 +16,7 @@ from torch import nn
 
 from server.engine.model_config import ModelConfig
 from server.engine.models.base import PackedModel
-from server.engine.models.layers import RMSNorm, apply_rotary, attention
+from server.engine.models.layers import RMSNorm, apply_rotary, attention, residual
 from server.engine.packed import PackedBatch
 
 
@@ -52,11 +52,10 @@ class LLaDABlock(nn.Module):
         v = self.v_proj(h).view(tokens, self.n_kv_heads, self.head_dim)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         attn = attention(q, k, v, batch, layer)
-        if keep is not None:
-            x, attn = x[keep], attn[keep]
-        x = x + self.attn_out(attn)
-        h = self.ff_norm(x)
-        return x + self.ff_out(F.silu(self.ff_proj(h)) * self.up_proj(h))
+        return residual(x, attn, keep, self.attn_out, self.mlp, self.ff_norm)
+
+    def mlp(self, h: torch.Tensor) -> torch.Tensor:
+        return self.ff_out(F.silu(self.ff_proj(h)) * self.up_proj(h))
 
 
 class LLaDATransformer(nn.Module):
@@ -97,19 +96,14 @@ class LLaDAModel(PackedModel):
             t = self.model.transformer
             t.ff_out.weight = t.wte.weight
 
-    def forward(self, batch: PackedBatch) -> torch.Tensor:
-        """Hidden states before the final norm of the tokens batch.keep names ([kept, d_model]),
-        or of every token: the last layer still computes every token's keys and values
-        (attention, the cache) but its output projection and MLP only the kept tokens'."""
-        t = self.model.transformer
-        x = t.wte(batch.ids)
-        cos, sin = self.rotary_at(batch.positions)
-        last = len(t.blocks) - 1
-        for layer, block in enumerate(t.blocks):
-            x = block(x, cos, sin, batch, layer, batch.keep if layer == last else None)
-        return x
+    @property
+    def layers(self) -> nn.ModuleList:
+        return self.model.transformer.blocks
 
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """LM head on the given hidden states only, as float32."""
-        t = self.model.transformer
-        return t.ff_out(t.ln_f(hidden)).float()
+    @property
+    def final_norm(self) -> RMSNorm:
+        return self.model.transformer.ln_f
+
+    @property
+    def head(self) -> nn.Linear:
+        return self.model.transformer.ff_out

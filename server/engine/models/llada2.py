@@ -24,7 +24,7 @@ from torch import nn
 
 from server.engine.errors import CheckpointError, refuse_unsupported
 from server.engine.models.base import PackedModel
-from server.engine.models.layers import RMSNorm, apply_rotary, attention
+from server.engine.models.layers import RMSNorm, apply_rotary, attention, residual
 from server.engine.models.moe import MLP, dispatch
 from server.engine.packed import PackedBatch
 
@@ -197,10 +197,7 @@ class DecoderLayer(nn.Module):
 
     def forward(self, x, cos, sin, batch: PackedBatch, layer: int, keep: torch.Tensor | None = None) -> torch.Tensor:
         attn = self.attention(self.input_layernorm(x), cos, sin, batch, layer)
-        if keep is not None:
-            x, attn = x[keep], attn[keep]
-        x = x + self.attention.dense(attn)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        return residual(x, attn, keep, self.attention.dense, self.mlp, self.post_attention_layernorm)
 
 
 class _Backbone(nn.Module):
@@ -223,16 +220,14 @@ class LLaDA2Model(PackedModel):
     def embedding(self) -> nn.Embedding:
         return self.model.word_embeddings
 
-    def forward(self, batch: PackedBatch) -> torch.Tensor:
-        """Hidden states before the final norm of the kept tokens (or every token). Each row
-        attends to itself and, if it reads its cache, to the blocks cached before it: a row is one
-        block (or blocks that see each other), never a causal span."""
-        x = self.model.word_embeddings(batch.ids)
-        cos, sin = self.rotary_at(batch.positions)
-        last = len(self.model.layers) - 1
-        for layer, block in enumerate(self.model.layers):
-            x = block(x, cos, sin, batch, layer, batch.keep if layer == last else None)
-        return x
+    @property
+    def layers(self) -> nn.ModuleList:
+        return self.model.layers
 
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(self.model.norm(hidden)).float()
+    @property
+    def final_norm(self) -> RMSNorm:
+        return self.model.norm
+
+    @property
+    def head(self) -> nn.Linear:
+        return self.lm_head

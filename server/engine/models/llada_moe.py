@@ -21,7 +21,7 @@ from torch import nn
 
 from server.engine.errors import CheckpointError, refuse_unsupported
 from server.engine.models.base import PackedModel
-from server.engine.models.layers import RMSNorm, apply_rotary, attention
+from server.engine.models.layers import RMSNorm, apply_rotary, attention, residual
 from server.engine.models.moe import MLP, dispatch
 from server.engine.packed import PackedBatch
 
@@ -166,10 +166,7 @@ class DecoderLayer(nn.Module):
 
     def forward(self, x, cos, sin, batch: PackedBatch, layer: int, keep: torch.Tensor | None = None) -> torch.Tensor:
         attn = self.self_attn(self.input_layernorm(x), cos, sin, batch, layer)
-        if keep is not None:
-            x, attn = x[keep], attn[keep]
-        x = x + self.self_attn.o_proj(attn)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        return residual(x, attn, keep, self.self_attn.o_proj, self.mlp, self.post_attention_layernorm)
 
 
 class _Backbone(nn.Module):
@@ -192,14 +189,14 @@ class LLaDAMoEModel(PackedModel):
     def embedding(self) -> nn.Embedding:
         return self.model.embed_tokens
 
-    def forward(self, batch: PackedBatch) -> torch.Tensor:
-        """Hidden states before the final norm of the kept tokens (or every token)."""
-        x = self.model.embed_tokens(batch.ids)
-        cos, sin = self.rotary_at(batch.positions)
-        last = len(self.model.layers) - 1
-        for layer, block in enumerate(self.model.layers):
-            x = block(x, cos, sin, batch, layer, batch.keep if layer == last else None)
-        return x
+    @property
+    def layers(self) -> nn.ModuleList:
+        return self.model.layers
 
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(self.model.norm(hidden)).float()
+    @property
+    def final_norm(self) -> RMSNorm:
+        return self.model.norm
+
+    @property
+    def head(self) -> nn.Linear:
+        return self.lm_head
