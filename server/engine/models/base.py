@@ -76,3 +76,20 @@ class PackedModel(nn.Module):
     def full_logits(self, input_ids: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Logits at every position; key_mask [batch, length] True on real tokens (tests, benches)."""
         return self.logits(self.padded_hidden(input_ids, key_mask))
+
+
+class HubLayout(PackedModel):
+    """A model laid out as the transformers library writes it: `model.layers`, `model.norm` and
+    an untied `lm_head` (the MoE checkpoints); subclasses name the embedding."""
+
+    @property
+    def layers(self) -> nn.ModuleList:
+        return self.model.layers
+
+    @property
+    def final_norm(self) -> nn.Module:
+        return self.model.norm
+
+    @property
+    def head(self) -> nn.Linear:
+        return self.lm_head

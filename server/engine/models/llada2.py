@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from server.engine.errors import CheckpointError, refuse_unsupported
-from server.engine.models.base import PackedModel
+from server.engine.models.base import HubLayout
 from server.engine.models.layers import RMSNorm, apply_rotary, attention, residual
 from server.engine.models.moe import MLP, dispatch
 from server.engine.packed import PackedBatch
@@ -208,7 +208,7 @@ class _Backbone(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
 
-class LLaDA2Model(PackedModel):
+class LLaDA2Model(HubLayout):
     def __init__(self, config: LLaDA2Config):
         super().__init__()
         self.config = config
@@ -219,15 +219,3 @@ class LLaDA2Model(PackedModel):
     @property
     def embedding(self) -> nn.Embedding:
         return self.model.word_embeddings
-
-    @property
-    def layers(self) -> nn.ModuleList:
-        return self.model.layers
-
-    @property
-    def final_norm(self) -> RMSNorm:
-        return self.model.norm
-
-    @property
-    def head(self) -> nn.Linear:
-        return self.lm_head

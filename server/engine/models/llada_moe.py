@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from server.engine.errors import CheckpointError, refuse_unsupported
-from server.engine.models.base import PackedModel
+from server.engine.models.base import HubLayout
 from server.engine.models.layers import RMSNorm, apply_rotary, attention, residual
 from server.engine.models.moe import MLP, dispatch
 from server.engine.packed import PackedBatch
@@ -177,7 +177,7 @@ class _Backbone(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
 
-class LLaDAMoEModel(PackedModel):
+class LLaDAMoEModel(HubLayout):
     def __init__(self, config: LLaDAMoEConfig):
         super().__init__()
         self.config = config
@@ -188,15 +188,3 @@ class LLaDAMoEModel(PackedModel):
     @property
     def embedding(self) -> nn.Embedding:
         return self.model.embed_tokens
-
-    @property
-    def layers(self) -> nn.ModuleList:
-        return self.model.layers
-
-    @property
-    def final_norm(self) -> RMSNorm:
-        return self.model.norm
-
-    @property
-    def head(self) -> nn.Linear:
-        return self.lm_head
