@@ -28,19 +28,16 @@ class MLP(nn.Module):
 
 def dispatch(x: torch.Tensor, chosen: torch.Tensor, weights: torch.Tensor, experts: nn.ModuleList) -> torch.Tensor:
     """x [tokens, hidden]; chosen and weights [tokens, k]: each token's output is the weighted sum
-    of its k experts' outputs."""
+    of its k experts' outputs. The (token, slot) pairs are sorted by expert once: one gather, each
+    active expert on its contiguous slice, one weighting and one index_add (which sums a token's
+    k outputs in expert order, as a loop over experts would)."""
     top_k = chosen.shape[1]
-    weights = weights.to(x.dtype).flatten()
     flat = chosen.flatten()
-    order = flat.argsort(stable=True)  # (token, slot) pairs grouped by expert
+    order = flat.argsort(stable=True)
     # the one host read of the layer: how many tokens each expert takes
     counts = torch.bincount(flat, minlength=len(experts)).tolist()
-    out = torch.zeros_like(x)
-    at = 0
-    for expert, count in zip(experts, counts):
-        if count:
-            pairs = order[at : at + count]
-            tokens = pairs // top_k
-            out.index_add_(0, tokens, expert(x[tokens]) * weights[pairs, None])
-            at += count
-    return out
+    tokens = order // top_k
+    grouped = x[tokens]
+    outputs = [expert(part) for expert, part, count in zip(experts, grouped.split(counts), counts) if count]
+    weighted = torch.cat(outputs) * weights.to(x.dtype).flatten()[order, None]
+    return torch.zeros_like(x).index_add_(0, tokens, weighted)
