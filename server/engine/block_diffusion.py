@@ -169,12 +169,13 @@ class BlockDiffusion:
         tokens, probabilities, actions = unpack(row)
         job.kept = max(job.kept, job.span[0])  # this step's forward ran the earlier blocks' final tokens
         had_masks = bool(job.masked_in_block())
-        reveals, changed, eos = [], 0, False
+        reveals, changed, committed, eos = [], 0, 0, False
         for position, token, probability, action in zip(job.candidates(), tokens, probabilities, actions):
             if action not in (COMMIT, EDIT):
                 continue
             job.canvas[position] = token
             changed += 1
+            committed += action == COMMIT
             eos |= action == COMMIT and token == self.eos_id
             index = position - job.prompt_len
             if job.report_steps and index < job.params.gen_length:
@@ -190,7 +191,7 @@ class BlockDiffusion:
         settled = None
         if job.edits and not job.finished:  # an edit may still change the current block
             settled = min(job.params.gen_length, max(0, job.span[0] - job.prompt_len))
-        return StepEvent(job, job.steps_done, block, changed, reveals, self._masked(job), job.finished, settled)
+        return StepEvent(job, job.steps_done, block, committed, reveals, self._masked(job), job.finished, settled)
 
     def _advance(self, job: BlockJob, had_masks: bool, changed: int, committed_eos: bool) -> None:
         p = job.params

@@ -33,7 +33,7 @@ class StepEvent:
     job: Request
     step: int  # 1-based count of this job's steps so far
     block: int
-    revealed: int  # tokens written this step (edits included)
+    revealed: int  # masked positions written this step (edits not counted)
     reveals: list[Reveal]  # only for jobs that report steps
     masked: int  # answer positions still masked after this step
     finished: bool
