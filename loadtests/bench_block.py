@@ -114,12 +114,12 @@ async def concurrent_http(url: str, prompts: list[list[int]], params: SamplingPa
 
 
 def goals(result: dict) -> list[dict]:
-    out = []
+    out, clients = [], len(result["settings"]["prompt_tokens"])
     for mode, run in result["modes"].items():
         reference = run["reference"]["tokens_per_s"]
         for name, measured, bound in (
             ("batch 1", run["batch_1"]["tokens_per_s"], 3),
-            ("8 concurrent clients", run["http_concurrent"]["tokens_per_s"], 5),
+            (f"{clients} concurrent clients", run["http_concurrent"]["tokens_per_s"], 5),
         ):
             ratio = measured / reference
             goal = f"{mode} {name} >= {bound}x the reference run sequentially"
