@@ -1,19 +1,26 @@
 """The CLI serves the newer family members from their published folders (tiny iLLaDA and
 LLaDA-MoE checkpoints, tests/family.py): /v1/models names the family, /v1/generate and its stream
-work, and the openai SDK's chat answer, in the checkpoint's own chat template, stops at the
-checkpoint's end-of-turn token."""
+work, the openai SDK's chat answer, in the checkpoint's own chat template, stops at the
+checkpoint's end-of-turn token, and the other clients (the terminal chat, lm-eval's scoring and
+generate_until) get the server's own answers."""
 
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
+import sys
 
 import httpx
 import openai
 import pytest
 
+from server.api.stop_strings import cut_at_stop
 from tests import family
+from tests.support import REPO_ROOT
 
 from . import HTTP_TIMEOUT, astream_events, running_server
+from .test_lm_eval import run_eval, samples
 
 MEMBERS = {
     "illada": (family.write_illada_checkpoint, "LLaDAModelLM", family.ILLADA_EOT_ID),
@@ -86,3 +93,45 @@ def test_an_sdk_chat_answer_stops_at_the_end_of_turn_token(served):
     before = httpx.post(server.url + "/v1/detokenize", json={"tokens": ids["token_ids"][:3]}, timeout=HTTP_TIMEOUT)
     assert choice.message.content == ids["text"] == before.json()["prompt"]
     assert free.choices[0].message.content is not None
+
+
+def test_the_terminal_chat_gets_the_servers_answer(served):
+    server, *_ = served
+    flags = ["--gen-length", "16", "--steps", "8", "--block-length", "8"]
+    result = subprocess.run(
+        [sys.executable, "-m", "server", "chat", "--url", server.url, *flags],
+        input="Hi\n/exit\n",
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    answer = result.stdout.split("you> ")[1].removeprefix("llada> ").removesuffix("\n")
+    body = {"messages": [{"role": "user", "content": "Hi"}], "gen_length": 16, "steps": 8, "block_length": 8}
+    response = httpx.post(server.url + "/v1/generate", json=body, timeout=HTTP_TIMEOUT)
+    assert answer == response.json()["text"]
+
+
+def test_lm_eval_scores_and_generates_with_the_servers_numbers(served, tmp_path):
+    server, *_ = served
+    model_args = {"mc_num": 4, "steps": 8, "block_length": 8, "num_concurrent": 2}
+    out, results = run_eval(server.url, ["llada_mc", "llada_gen"], model_args, tmp_path)
+    assert {"llada_mc", "llada_gen"} <= set(results)
+    scoring = {"mc_num": 4, "batch_size": 32, "cfg_scale": 0.0, "greedy": True, "seed": 0}
+    for sample in samples(out, "llada_mc")[:2]:
+        for args, resp in zip(sample["arguments"].values(), sample["resps"]):
+            pair = {"context": args["arg_0"], "continuation": args["arg_1"]}
+            direct = httpx.post(
+                server.url + "/v1/loglikelihood", json={"requests": [pair], **scoring}, timeout=HTTP_TIMEOUT
+            )
+            (expected,) = direct.json()["results"]
+            assert float(resp[0][0]) == pytest.approx(expected["loglikelihood"], rel=1e-5)
+    for sample in samples(out, "llada_gen"):
+        (args,) = sample["arguments"].values()
+        body = {"prompt": args["arg_0"], "gen_length": args["arg_1"]["max_gen_toks"], "temperature": 0.0, "seed": 0}
+        direct = httpx.post(
+            server.url + "/v1/generate", json={**body, "steps": 8, "block_length": 8}, timeout=HTTP_TIMEOUT
+        )
+        text, _ = cut_at_stop(direct.json()["text"], tuple(args["arg_1"]["until"]))
+        assert sample["resps"] == [[text]], sample

@@ -402,3 +402,23 @@ def test_a_llada2_server_gets_its_own_settings_and_edits_show_purple(tmp_path_fa
         run.assert_clean(process)
     finally:
         process.stop()
+
+
+@pytest.mark.parametrize("member", ["illada", "llada_moe"])
+def test_the_page_answers_with_a_full_attention_family_member(tmp_path_factory, open_page, member):
+    write = {"illada": family.write_illada_checkpoint, "llada_moe": family.write_llada_moe_checkpoint}[member]
+    folder = write(tmp_path_factory.mktemp("page-" + member) / member, seed=1)
+    process = ServerProcess(["--model", str(folder), "--shutdown-grace", "5"], folder.parent / "server.log")
+    try:
+        process.wait_ready()
+        run = open_page(process)
+        run.page.wait_for_function("() => document.getElementById('model-name').textContent !== ''")
+        assert run.page.is_visible("#cfg_scale") and run.page.is_hidden("#editing_threshold")
+        run.ask("Hi", gen_length=16, steps=8, block_length=8)
+        (text,) = run.wait_for_answers(1)
+        (body,) = run.generate_bodies()
+        assert text == server_answer(process, body)["text"]
+        assert run.frames()[-1]["step"] == 8 and "masked" not in run.frames()[-1]["colours"]
+        run.assert_clean(process)
+    finally:
+        process.stop()
