@@ -127,20 +127,23 @@ def refuse_unhonoured(request: GenerateRequest, info: ModelInfo) -> None:
 
 
 def family_defaults(info: ModelInfo, config: ServerConfig) -> dict:
-    """The settings a request that leaves them out gets (GET /v1/models lists them)."""
+    """The settings a request that leaves them out gets (GET /v1/models lists them): counts are
+    the family's defaults or the server's limits, whichever is lower."""
     base = SamplingParams()
+    gen_length = min(base.gen_length, config.max_gen_length)
     if info.block_diffusion:
         return {
-            "gen_length": base.gen_length,
+            "gen_length": gen_length,
             **BLOCK_DIFFUSION_DEFAULTS,
+            "steps": min(BLOCK_DIFFUSION_DEFAULTS["steps"], config.max_steps),
             "threshold": config.default_threshold or BLOCK_DIFFUSION_DEFAULTS["threshold"],
             "editing_threshold": config.default_editing_threshold,
             "early_stop": config.default_early_stop,
             "temperature": base.temperature,
         }
     return {
-        "gen_length": base.gen_length,
-        "steps": base.steps,
+        "gen_length": gen_length,
+        "steps": min(base.steps, config.max_steps),
         "block_length": base.block_length,
         "temperature": base.temperature,
         "cache": config.default_cache,

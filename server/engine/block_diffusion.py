@@ -175,9 +175,9 @@ class BlockDiffusion:
                 continue
             job.canvas[position] = token
             changed += 1
-            committed += action == COMMIT
             eos |= action == COMMIT and token == self.eos_id
             index = position - job.prompt_len
+            committed += action == COMMIT and index < job.params.gen_length
             if job.report_steps and index < job.params.gen_length:
                 reveals.append(Reveal(index=index, token_id=token, confidence=probability, edit=action == EDIT))
         job.steps_done += 1

@@ -157,3 +157,12 @@ def test_a_request_whose_cache_could_never_fit_is_a_400_naming_gen_length(llada2
         error = assert_error(response, 400, "invalid_request_error", param="gen_length")
         assert "--max-cache-memory" in error["message"] and "cache none" not in error["message"]
         assert generate(c, gen_length=8)["token_ids"]  # a short one still runs
+
+
+def test_left_out_counts_stay_within_the_server_limits(llada2):
+    with app_client(llada2, max_steps=16, max_gen_length=40) as c:
+        (card,) = c.get("/v1/models").json()["data"]
+        assert (card["defaults"]["steps"], card["defaults"]["gen_length"]) == (16, 40)
+        answer = c.post("/v1/generate", json={"prompt": "Once upon a time", "threshold": None})
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["usage"]["nfe"] <= 16 * 2  # two blocks of 16 iterations at most

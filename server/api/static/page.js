@@ -128,7 +128,7 @@ function readBlockSettings() {
   for (const id of BLOCK_OPTIONAL) {
     if ($(id).value.trim() !== "") body[id] = numberField(id);
   }
-  if ($("early_stop").checked) body.early_stop = true;
+  body.early_stop = $("early_stop").checked;
   return body;
 }
 
@@ -418,7 +418,8 @@ function showFamily(blockDiffusion, defaults) {
       input.value = defaults[id] === null ? "" : defaults[id];
     }
   }
-  $("early_stop").checked = Boolean(defaults.early_stop);
+  const earlyStop = $("early_stop");
+  if (earlyStop.checked === earlyStop.defaultChecked) earlyStop.checked = Boolean(defaults.early_stop);
   if (!blockDiffusion) {
     Object.assign(FAST_DEFAULTS, { cache: defaults.cache, threshold: defaults.threshold, early_stop: defaults.early_stop });
     $("cache").value = defaults.cache;

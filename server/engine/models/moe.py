@@ -39,5 +39,6 @@ def dispatch(x: torch.Tensor, chosen: torch.Tensor, weights: torch.Tensor, exper
     tokens = order // top_k
     grouped = x[tokens]
     outputs = [expert(part) for expert, part, count in zip(experts, grouped.split(counts), counts) if count]
-    weighted = torch.cat(outputs) * weights.to(x.dtype).flatten()[order, None]
-    return torch.zeros_like(x).index_add_(0, tokens, weighted)
+    # weighted and summed in float32, then cast back, as the published MoE blocks do in bf16
+    weighted = torch.cat(outputs).float() * weights.float().flatten()[order, None]
+    return torch.zeros(x.shape, dtype=torch.float32, device=x.device).index_add_(0, tokens, weighted).to(x.dtype)
