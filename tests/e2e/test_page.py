@@ -393,6 +393,7 @@ def test_a_llada2_server_gets_its_own_settings_and_edits_show_purple(tmp_path_fa
             "threshold": 0.5,
             "editing_threshold": 0,
             "max_post_steps": 4,
+            "early_stop": False,
             "stream": True,
         }
         assert text == server_answer(process, body)["text"]
