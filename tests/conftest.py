@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -45,9 +46,16 @@ def tiny_checkpoint(tmp_path_factory, tiny_model) -> Path:
 def app_client(loaded: LoadedModel, **settings) -> Iterator[TestClient]:
     """The in-process app (worker thread included) with the given ServerConfig fields."""
     app = create_app(ServerConfig(**settings), loaded)
-    with TestClient(app, raise_server_exceptions=False) as client:
-        client.state = app.state.server
-        yield client
+    try:
+        with TestClient(app, raise_server_exceptions=False) as client:
+            client.state = app.state.server
+            yield client
+    finally:
+        # The engine's KV pool (2 GiB of address space on CPU by default) goes with the app only
+        # when its reference cycles are collected; left for later, a session of these makes the
+        # address space so large that fork (subprocess, Ray, pty) fails with ENOMEM.
+        del app
+        gc.collect()
 
 
 @pytest.fixture
