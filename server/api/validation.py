@@ -153,12 +153,10 @@ def family_defaults(info: ModelInfo, config: ServerConfig) -> dict:
     }
 
 
-def sampling_params(request: GenerateRequest, prompt_len: int, info: ModelInfo, config: ServerConfig) -> SamplingParams:
-    refuse_unhonoured(request, info)
-    if info.block_diffusion:
-        return block_params(request, prompt_len, info, config)
+def counts(request: GenerateRequest, steps: int, config: ServerConfig) -> tuple[int, int]:
+    """gen_length (the request's, else its default within the limit) and steps, each within the
+    server's limit."""
     gen_length = with_default(request, "gen_length", config.max_gen_length)
-    steps = with_default(request, "steps", config.max_steps)
     if gen_length > config.max_gen_length:
         raise bad(
             f"gen_length {gen_length} is over the limit {config.max_gen_length} (--max-gen-length)",
@@ -167,6 +165,14 @@ def sampling_params(request: GenerateRequest, prompt_len: int, info: ModelInfo, 
         )
     if steps > config.max_steps:
         raise bad(f"steps {steps} is over the limit {config.max_steps} (--max-steps)", "steps", "over_limit")
+    return gen_length, steps
+
+
+def sampling_params(request: GenerateRequest, prompt_len: int, info: ModelInfo, config: ServerConfig) -> SamplingParams:
+    refuse_unhonoured(request, info)
+    if info.block_diffusion:
+        return block_params(request, prompt_len, info, config)
+    gen_length, steps = counts(request, with_default(request, "steps", config.max_steps), config)
     block_length = request.block_length if request.block_length is not None else min(32, gen_length)
     if block_length > gen_length:
         raise bad(f"block_length {block_length} is larger than gen_length {gen_length}", "block_length")
@@ -197,16 +203,8 @@ def block_params(request: GenerateRequest, prompt_len: int, info: ModelInfo, con
     """A block-diffusion request: the family's defaults for what it leaves out (threshold: the
     request's, even null, else --default-threshold, else the authors' 0.95; editing likewise)."""
     defaults = family_defaults(info, config)
-    gen_length = with_default(request, "gen_length", config.max_gen_length)
-    if gen_length > config.max_gen_length:
-        raise bad(
-            f"gen_length {gen_length} is over the limit {config.max_gen_length} (--max-gen-length)",
-            "gen_length",
-            "over_limit",
-        )
     steps = request.steps if "steps" in request.model_fields_set else defaults["steps"]
-    if steps > config.max_steps:
-        raise bad(f"steps {steps} is over the limit {config.max_steps} (--max-steps)", "steps", "over_limit")
+    gen_length, steps = counts(request, steps, config)
     block_length = request.block_length or defaults["block_length"]
     canvas = -(-(prompt_len + gen_length) // block_length) * block_length
     if canvas > info.max_sequence_length:

@@ -7,6 +7,9 @@ when a test ends get a short --shutdown-grace so the fixture's SIGTERM never wai
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -14,7 +17,7 @@ from pathlib import Path
 import httpx
 from httpx_sse import aconnect_sse, connect_sse
 
-from tests.support import ServerProcess
+from tests.support import REPO_ROOT, ServerProcess
 
 ERROR_TYPES = ("invalid_request_error", "authentication_error", "overloaded", "timeout", "server_error")
 HTTP_TIMEOUT = httpx.Timeout(60.0, connect=10.0)
@@ -99,3 +102,17 @@ def check_answer(answer: dict, body: dict) -> None:
     assert answer["usage"]["completion_tokens"] == gen_length, answer
     assert 1 <= answer["usage"]["nfe"] <= body.get("steps", 128), answer
     assert answer["finish_reason"] in ("stop", "length"), answer
+
+
+def chat_answer(url: str, question: str, flags: list[str]) -> str:
+    """The answer `llada-server chat` (piped, no API key) prints to one question."""
+    result = subprocess.run(
+        [sys.executable, "-m", "server", "chat", "--url", url, *flags],
+        input=question + "\n/exit\n",
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result.stdout.split("you> ")[1].removeprefix("llada> ").removesuffix("\n")

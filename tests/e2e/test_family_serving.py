@@ -7,9 +7,6 @@ generate_until) get the server's own answers."""
 from __future__ import annotations
 
 import asyncio
-import os
-import subprocess
-import sys
 
 import httpx
 import openai
@@ -17,9 +14,8 @@ import pytest
 
 from server.api.stop_strings import cut_at_stop
 from tests import family
-from tests.support import REPO_ROOT
 
-from . import HTTP_TIMEOUT, astream_events, running_server
+from . import HTTP_TIMEOUT, astream_events, chat_answer, running_server
 from .test_lm_eval import run_eval, samples
 
 MEMBERS = {
@@ -97,17 +93,7 @@ def test_an_sdk_chat_answer_stops_at_the_end_of_turn_token(served):
 
 def test_the_terminal_chat_gets_the_servers_answer(served):
     server, *_ = served
-    flags = ["--gen-length", "16", "--steps", "8", "--block-length", "8"]
-    result = subprocess.run(
-        [sys.executable, "-m", "server", "chat", "--url", server.url, *flags],
-        input="Hi\n/exit\n",
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
-    answer = result.stdout.split("you> ")[1].removeprefix("llada> ").removesuffix("\n")
+    answer = chat_answer(server.url, "Hi", ["--gen-length", "16", "--steps", "8", "--block-length", "8"])
     body = {"messages": [{"role": "user", "content": "Hi"}], "gen_length": 16, "steps": 8, "block_length": 8}
     response = httpx.post(server.url + "/v1/generate", json=body, timeout=HTTP_TIMEOUT)
     assert answer == response.json()["text"]

@@ -6,19 +6,15 @@ generate_until get the server's answers."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import httpx
 import openai
 import pytest
 
 from server.api.stop_strings import cut_at_stop
 from tests import family
-from tests.support import REPO_ROOT, scrape, wait_for
+from tests.support import scrape, wait_for
 
-from . import HTTP_TIMEOUT, running_server, stream_events
+from . import HTTP_TIMEOUT, chat_answer, running_server, stream_events
 from .test_lm_eval import run_eval, samples
 
 CHAT = [{"role": "user", "content": "Tell me a story about a fox."}]
@@ -79,16 +75,7 @@ def test_a_client_that_disconnects_cancels_its_job_and_frees_its_pages(served):
 
 def test_the_terminal_chat_gets_the_servers_answer(served):
     server, _ = served
-    result = subprocess.run(
-        [sys.executable, "-m", "server", "chat", "--url", server.url, "--gen-length", "48", "--threshold", "0.5"],
-        input="Tell me a story about a fox.\n/exit\n",
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
-    answer = result.stdout.split("you> ")[1].removeprefix("llada> ").removesuffix("\n")
+    answer = chat_answer(server.url, CHAT[0]["content"], ["--gen-length", "48", "--threshold", "0.5"])
     assert answer == generate(server, messages=CHAT, gen_length=48, threshold=0.5)["text"]
 
 
