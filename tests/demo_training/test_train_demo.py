@@ -11,6 +11,7 @@ from safetensors import safe_open
 from server.engine.demo import load_demo, save_checkpoint, tokenizer_ids
 from server.engine.loader import load_checkpoint
 from training.corpus import HELD_OUT_EVERY, chat_pairs, load_corpus
+from training.quality import opening_sentence, question_sets, spread, word_f1
 from training.train_demo import CompactVocab, main
 
 SMALL = ["--docs", "300", "--d-model", "32", "--layers", "2", "--heads", "2", "--mlp-hidden", "64"]
@@ -72,3 +73,16 @@ def test_the_corpus_is_pythons_own_documentation_split_into_train_and_held_out()
     pairs = chat_pairs(corpus.train)
     assert len(pairs) > 1000
     assert all(answer.isascii() and len(answer) <= 100 for _, answer in pairs)
+
+
+def test_the_answer_figures_compare_words_and_first_sentences():
+    assert word_f1("Return the cat.", "Return a cat") == pytest.approx(2 / 3)
+    assert word_f1("Serialize obj to a JSON formatted str.", "Serialize ``obj`` to a JSON formatted ``str``.") == 1.0
+    assert word_f1("", "anything") == 0.0 and word_f1("nothing alike", "at all") == 0.0
+    assert opening_sentence("Join two paths.  Then more.\nAnd more.") == "Join two paths."
+    assert spread(list(range(10)), 5) == [0, 2, 4, 6, 8] and spread([1, 2], 5) == [1, 2]
+    asked = question_sets(100)
+    assert len(asked["train"]) == len(asked["held_out"]) == 100
+    train_questions = {q for q, _ in chat_pairs(load_corpus().train)}
+    assert all(q in train_questions for q, _ in asked["train"])
+    assert not train_questions & {q for q, _ in asked["held_out"]}
