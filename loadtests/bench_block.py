@@ -32,7 +32,7 @@ from server.engine.denoiser import run_jobs
 from server.engine.loader import load_checkpoint
 from server.engine.sampling_params import SamplingParams
 from tests.family import LLADA2_BENCH_SHAPE, write_llada2_checkpoint
-from tests.reference.llada2 import LLaDA2Reference, generate
+from tests.reference.llada2 import LLaDA2Reference, generate_for
 from tests.support import ServerProcess
 
 MODES = {
@@ -81,20 +81,7 @@ def reference_run(folder: Path, loaded, prompts: list[list[int]], params: Sampli
     special = loaded.special
     start, answers = time.perf_counter(), []
     for prompt in prompts:
-        answers.append(
-            generate(
-                model,
-                prompt,
-                gen_length=params.gen_length,
-                block_length=params.block_length,
-                steps=params.steps,
-                threshold=params.threshold,
-                editing_threshold=params.editing_threshold,
-                max_post_steps=params.max_post_steps,
-                mask_id=special.mask,
-                eos_id=special.eos,
-            )
-        )
+        answers.append(generate_for(model, prompt, params, special.mask, special.eos))
     wall = time.perf_counter() - start
     return {"tokens_per_s": round(sum(map(len, answers)) / wall, 3), "wall_s": round(wall, 1), "answers": answers}
 

@@ -13,14 +13,14 @@ import dataclasses
 import pytest
 import torch
 
-from server.engine.denoiser import Denoiser, generate_batch, run_jobs, standalone
+from server.engine.denoiser import Denoiser, generate_batch, standalone
 from server.engine.engine import Engine, EngineSettings
 from server.engine.events import GenerationDone
 from server.engine.faults import FaultInjector, FaultyModel
 from server.engine.loader import load_checkpoint
 from server.engine.sampling_params import SamplingParams as P
 from tests import family
-from tests.reference.llada2 import LLaDA2Reference, generate
+from tests.reference.llada2 import LLaDA2Reference, generate_for
 from tests.support import wait_for
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -45,19 +45,7 @@ def prompts(loaded) -> dict[str, list[int]]:
 
 
 def reference_answer(ref: LLaDA2Reference, loaded, prompt: list[int], params: P) -> list[int]:
-    return generate(
-        ref,
-        prompt,
-        gen_length=params.gen_length,
-        block_length=params.block_length,
-        steps=params.steps,
-        threshold=params.threshold,
-        editing_threshold=params.editing_threshold,
-        max_post_steps=params.max_post_steps,
-        eos_early_stop=params.early_stop,
-        mask_id=loaded.special.mask,
-        eos_id=loaded.special.eos,
-    )
+    return generate_for(ref, prompt, params, loaded.special.mask, loaded.special.eos)
 
 
 CASES = {

@@ -468,12 +468,32 @@ def generate(
     return answer
 
 
+def generate_for(model: LLaDA2Reference, prompt_ids, params, mask_id: int, eos_id: int) -> list[int]:
+    """`generate` at temperature 0 with the settings of an object that has the engine's sampling
+    field names (gen_length, block_length, steps, threshold, editing_threshold, max_post_steps,
+    early_stop); only those attributes are read."""
+    return generate(
+        model,
+        prompt_ids,
+        gen_length=params.gen_length,
+        block_length=params.block_length,
+        steps=params.steps,
+        threshold=params.threshold,
+        editing_threshold=params.editing_threshold,
+        max_post_steps=params.max_post_steps,
+        eos_early_stop=params.early_stop,
+        mask_id=mask_id,
+        eos_id=eos_id,
+    )
+
+
 __all__ = [
     "ARCHITECTURE",
     "LLaDA2Reference",
     "LLaDA2Shape",
     "block_causal_mask",
     "generate",
+    "generate_for",
     "is_llada2",
     "pick_tokens",
     "transfer_schedule",
