@@ -23,10 +23,9 @@ import tempfile
 import time
 from pathlib import Path
 
-import httpx
 import torch
 
-from loadtests.bench_fast import chat_prompts
+from loadtests.bench_fast import chat_prompts, concurrent_http
 from loadtests.common import finish, machine_info
 from server.engine.denoiser import run_jobs
 from server.engine.loader import load_checkpoint
@@ -35,6 +34,8 @@ from tests.family import LLADA2_BENCH_SHAPE, write_llada2_checkpoint
 from tests.reference.llada2 import LLaDA2Reference, generate_for
 from tests.support import ServerProcess
 
+# the /v1/generate fields of a block-diffusion request
+FIELDS = ("gen_length", "steps", "block_length", "threshold", "editing_threshold", "max_post_steps")
 MODES = {
     "llada2.0": {"threshold": 0.95, "steps": 32},
     "llada2.1": {"threshold": 0.7, "editing_threshold": 0.5},
@@ -86,20 +87,6 @@ def reference_run(folder: Path, loaded, prompts: list[list[int]], params: Sampli
     return {"tokens_per_s": round(sum(map(len, answers)) / wall, 3), "wall_s": round(wall, 1), "answers": answers}
 
 
-async def concurrent_http(url: str, prompts: list[list[int]], params: SamplingParams) -> tuple[float, list]:
-    fields = ("gen_length", "steps", "block_length", "threshold", "editing_threshold", "max_post_steps")
-    body = {name: getattr(params, name) for name in fields}
-    async with httpx.AsyncClient(timeout=3600, trust_env=False) as client:
-        start = time.perf_counter()
-        responses = await asyncio.gather(
-            *(client.post(url + "/v1/generate", json={**body, "input_ids": prompt}) for prompt in prompts)
-        )
-        wall = time.perf_counter() - start
-    for response in responses:
-        response.raise_for_status()
-    return wall, [r.json()["token_ids"] for r in responses]
-
-
 def goals(result: dict) -> list[dict]:
     out, clients = [], len(result["settings"]["prompt_tokens"])
     for mode, run in result["modes"].items():
@@ -147,10 +134,10 @@ def main(argv: list[str] | None = None) -> None:
         )
         try:
             server.wait_ready(timeout=300)
-            asyncio.run(concurrent_http(server.url, prompts[:2], params_for(args, modes[0])))  # warm-up
+            asyncio.run(concurrent_http(server.url, prompts[:2], params_for(args, modes[0]), FIELDS))  # warm-up
             for mode in modes:
                 print(f"  {len(prompts)} concurrent HTTP clients: {mode} ...", flush=True)
-                wall, answers = asyncio.run(concurrent_http(server.url, prompts, params_for(args, mode)))
+                wall, answers = asyncio.run(concurrent_http(server.url, prompts, params_for(args, mode), FIELDS))
                 run = result["modes"][mode]
                 run["http_concurrent"] = {
                     "tokens_per_s": round(run["batch_1"]["answer_tokens"] / wall, 2),
