@@ -139,7 +139,8 @@ def write_served(loaded, args: argparse.Namespace, folder: Path) -> Path:
     if args.family == "llada":
         return save_checkpoint(loaded, folder)
     write_llada_moe_checkpoint(folder, args.model_seed, shape=MOE_BENCH_SHAPE)
-    save_file({k: v.contiguous() for k, v in loaded.model.state_dict().items()}, str(folder / "model.safetensors"))
+    # cloned: the experts' published tensors are views of stacked weights (models/moe.py)
+    save_file({k: v.clone() for k, v in loaded.model.state_dict().items()}, str(folder / "model.safetensors"))
     return folder
 
 

@@ -36,12 +36,17 @@ class OneDNNLinear(nn.Linear):
         recorded = torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)
         if x.device.type != "cpu" or x.dtype != self.weight.dtype or recorded:
             return super().forward(x)
-        rows = x.numel() // x.shape[-1]
-        flat = x.reshape(rows, x.shape[-1])
-        if padded_rows(rows) != rows:
-            flat = torch.cat([flat, flat.new_zeros(padded_rows(rows) - rows, flat.shape[1])])
-        out = torch.ops.mkldnn._linear_pointwise(flat, self.weight, self.bias, "none", [], "")
-        return out[:rows].view(*x.shape[:-1], out.shape[-1])
+        return onednn_linear(x, self.weight, self.bias)
+
+
+def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear through oneDNN, the rows zero-padded to padded_rows (see OneDNNLinear)."""
+    rows = x.numel() // x.shape[-1]
+    flat = x.reshape(rows, x.shape[-1])
+    if padded_rows(rows) != rows:
+        flat = torch.cat([flat, flat.new_zeros(padded_rows(rows) - rows, flat.shape[1])])
+    out = torch.ops.mkldnn._linear_pointwise(flat, weight, bias, "none", [], "")
+    return out[:rows].view(*x.shape[:-1], out.shape[-1])
 
 
 def onednn_runs(dtype: torch.dtype) -> bool:

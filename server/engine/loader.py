@@ -24,6 +24,7 @@ from server.engine.errors import CheckpointError, read_json_object
 from server.engine.model_config import ModelConfig
 from server.engine.model_info import ModelInfo
 from server.engine.models import architecture_for, architecture_of, build_model
+from server.engine.models.moe import use_expert_kernels
 from server.engine.text_codec import BOS_TOKEN, MASK_TOKENS, SpecialIds, TextCodec
 
 log = logging.getLogger("llada.engine")
@@ -100,8 +101,8 @@ def resolve_special_ids(config, codec: TextCodec) -> SpecialIds:
 
 
 def ready(model: torch.nn.Module) -> torch.nn.Module:
-    """The loaded model as the engine runs it: inference only, CPU kernels swapped in."""
-    return use_onednn_linears(model.eval().requires_grad_(False))
+    """The loaded model as the engine runs it: inference only, its device's kernels swapped in."""
+    return use_expert_kernels(use_onednn_linears(model.eval().requires_grad_(False)))
 
 
 def read_config_json(folder: Path) -> dict:

@@ -25,7 +25,7 @@ from torch import nn
 from server.engine.errors import CheckpointError, refuse_unsupported
 from server.engine.models.base import HubLayout
 from server.engine.models.layers import RMSNorm, apply_rotary, attention, residual
-from server.engine.models.moe import MLP, dispatch
+from server.engine.models.moe import MLP, Experts, dispatch
 from server.engine.packed import PackedBatch
 
 # Keys of the published configuration whose other values this server does not implement.
@@ -156,9 +156,7 @@ class SparseMoE(nn.Module):
     def __init__(self, config: LLaDA2Config):
         super().__init__()
         self.gate = Gate(config)
-        self.experts = nn.ModuleList(
-            MLP(config.hidden_size, config.moe_intermediate_size) for _ in range(config.num_experts)
-        )
+        self.experts = Experts(config.num_experts, config.hidden_size, config.moe_intermediate_size)
         shared = config.moe_intermediate_size * config.num_shared_experts
         self.shared_experts = MLP(config.hidden_size, shared) if shared else None
 

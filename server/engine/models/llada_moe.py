@@ -22,7 +22,7 @@ from torch import nn
 from server.engine.errors import CheckpointError, refuse_unsupported
 from server.engine.models.base import HubLayout
 from server.engine.models.layers import RMSNorm, apply_rotary, attention, residual
-from server.engine.models.moe import MLP, dispatch
+from server.engine.models.moe import MLP, Experts, dispatch
 from server.engine.packed import PackedBatch
 
 # Keys of the published configuration whose other values this server does not implement.
@@ -123,9 +123,7 @@ class SparseMoE(nn.Module):
         super().__init__()
         self.top_k = config.num_experts_per_tok
         self.gate = nn.Linear(config.hidden_size, config.num_experts, bias=False)
-        self.experts = nn.ModuleList(
-            MLP(config.hidden_size, config.expert_intermediate_size) for _ in range(config.num_experts)
-        )
+        self.experts = Experts(config.num_experts, config.hidden_size, config.expert_intermediate_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [tokens, hidden]: each token through its top-k experts (softmax weights, not renormalised)."""
