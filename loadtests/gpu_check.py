@@ -48,6 +48,12 @@ Sections and what each figure means:
   running the authors' sampler by hand costs), time-boxed the same way; `ratios` compare with it.
   `answer_equals_engine` when it finished (in bf16 the two sets of kernels may flip a near-tie);
   on the CPU, `forward_vs_oracle_max_abs_diff` checks that forward against tests/reference/model.py.
+- llada_moe: a LLaDA-MoE-7B-A1B-shaped model (FAMILY.md; random weights drawn on the device in
+  the model's dtype, its LM head scaled as above; --small: the tests' tiny LLaDA-MoE) through the
+  loader's kernel swaps: `expert_kernels` names the experts' class that ran (GroupedExperts: two
+  grouped GEMMs per layer, offsets on the device), `syncs_per_step` for dual + threshold (CUDA;
+  expected 1, as LLaDA's: a MoE layer reads nothing back), and tokens/s of 1 and --prompts
+  concurrent dual + threshold jobs (issue 21's GPU figure), with peak memory.
 - goals (booleans, not asserts): dual + threshold at batch 1 >= 8x the exact engine at batch 1;
   >= 1000 tokens/s for 16 concurrent dual + threshold jobs; one sync per step; batch-invariant
   answers equal.
@@ -81,17 +87,31 @@ from server.engine.devices import set_batch_invariance
 from server.engine.engine import Engine, EngineSettings
 from server.engine.events import GenerationDone, GenerationStep, JobFailed
 from server.engine.kv_cache import bytes_per_token
+from server.engine.loader import load_checkpoint, ready
+from server.engine.models import build_model as build_architecture
+from server.engine.models.moe import Experts
 from server.engine.sampling_params import SamplingParams
+from tests.family import write_llada_moe_checkpoint
 from tests.reference.sampler import reference_generate_for
 from tests.support import REPO_ROOT
 
 SMALL_SHAPE = {"d_model": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 4, "mlp_hidden_size": 176}
 MODES = {"exact": {}, "dual_threshold": {"cache": "dual", "threshold": 0.9}}
-SECTIONS = ("syncs_per_step", "attention_kernels", "batch_invariance", "throughput")
+SECTIONS = ("syncs_per_step", "attention_kernels", "batch_invariance", "throughput", "llada_moe")
+# FAMILY.md's LLaDA-MoE-7B-A1B: 16 layers, hidden 2048, 16 heads, 64 experts, 8 per token, FFN 1024
+MOE_7B_SHAPE = dict(
+    hidden_size=2048,
+    num_hidden_layers=16,
+    num_attention_heads=16,
+    num_key_value_heads=16,
+    num_experts=64,
+    num_experts_per_tok=8,
+    expert_intermediate_size=1024,
+    vocab_size=157184,
+)
 HEAD_SCALES = (1.0, 1.25, 1.5, 1.75, 2.0, 2.5, 3.0, 4.0, 6.0)
 UNBOXED_LIMIT_S = 300.0
 CHILD_FLAGS = ("--json", "--sections", "--head-scale", "--off-sections", "--budget-s", "--batch-invariant")
-HEAD = "model.transformer.ff_out.weight"  # the LM head, by its checkpoint name
 PASSAGE = (
     "A diffusion language model writes an answer as a row of masks and fills it in over many "
     "steps, keeping at each step the predictions it trusts most. "
@@ -180,38 +200,52 @@ class Clock:
 def build_model(args: argparse.Namespace, device: torch.device, dtype: torch.dtype):
     """The demo architecture at args' shape with random weights drawn on the device itself (an 8B
     model drawn on the CPU would take minutes): the tiny demo lends its tokenizer, special ids and
-    model class. The same scheme as demo.init_weights: RMSNorm weights 1, embeddings N(0, 1),
-    linears N(0, gain^2 / fan_in), an LM head that favours printable ASCII, newline, EOS and EOT."""
+    model class."""
     template = build_demo(demo_config(), seed=args.model_seed)
     config = bench_config(args)
     with torch.device("meta"):
         model = type(template.model)(config)
-    model = model.to(dtype=dtype).to_empty(device=device)
-    generator = torch.Generator(device=device).manual_seed(args.model_seed)
+    model = randomize(model.to(dtype=dtype).to_empty(device=device), template, args.model_seed)
+    return dataclasses.replace(template, model=model, config=config, name="random-" + describe_shape(args))
+
+
+def build_moe(args: argparse.Namespace, device: torch.device, dtype: torch.dtype):
+    """LLaDA-MoE-7B-A1B's shape (MOE_7B_SHAPE; --small: the tests' tiny LLaDA-MoE) with random
+    weights drawn on the device; the tests' tiny LLaDA-MoE folder lends its tokenizer and special
+    ids. The loader's kernel swaps are applied (on CUDA in bf16: grouped-GEMM experts)."""
+    folder = write_llada_moe_checkpoint(Path(tempfile.mkdtemp(prefix="gpu-check-moe-")), args.model_seed)
+    template = load_checkpoint(folder, device="cpu", dtype="float32")
+    config = template.config if args.small else dataclasses.replace(template.config, moe_layer_freq=(), **MOE_7B_SHAPE)
+    with torch.device("meta"):
+        model = build_architecture(config)
+    model = randomize(model.to(dtype=dtype).to_empty(device=device), template, args.model_seed)
+    return dataclasses.replace(template, model=ready(model), config=config, name="random-llada-moe")
+
+
+def randomize(model: torch.nn.Module, template, seed: int) -> torch.nn.Module:
+    """The same scheme as demo.init_weights: norm weights 1, embeddings N(0, 1), matrices
+    N(0, gain^2 / fan_in), an LM head that favours printable ASCII, newline, EOS and EOT."""
+    device = next(model.parameters()).device
+    generator = torch.Generator(device=device).manual_seed(seed)
     with torch.no_grad():
         for name, param in model.named_parameters():
             if param.dim() == 1:
                 param.fill_(1.0)
-            elif "wte" in name:
+            elif param is model.embedding.weight:
                 param.normal_(0.0, 1.0, generator=generator)
             else:
                 gain = 3.0 if ("q_proj" in name or "k_proj" in name) else 2.0
-                param.normal_(0.0, gain * param.shape[1] ** -0.5, generator=generator)
-        head = head_weight(model)
+                param.normal_(0.0, gain * param.shape[-1] ** -0.5, generator=generator)
+        head = model.head.weight
         emitted = torch.zeros(head.shape[0], dtype=torch.bool, device=device)
         special = template.special
-        emitted[[*range(32, 127), ord("\n"), special.eos, special.eot]] = True
+        emitted[[*template.codec.encode("".join(map(chr, range(32, 127))) + "\n"), special.eos, special.eot]] = True
         head.mul_(2.0).masked_fill_(~emitted[:, None], 0.0)
-    model.eval().requires_grad_(False)
-    return dataclasses.replace(template, model=model, config=config, name="random-" + describe_shape(args))
+    return model.eval().requires_grad_(False)
 
 
 def describe_shape(args: argparse.Namespace) -> str:
     return f"d{args.d_model}-l{args.n_layers}"
-
-
-def head_weight(model: torch.nn.Module) -> torch.Tensor:
-    return dict(model.named_parameters())[HEAD]
 
 
 def chat_prompts(loaded, lengths: list[int]) -> list[list[int]]:
@@ -237,7 +271,7 @@ def set_head_scale(loaded, args: argparse.Namespace, prompts: list[list[int]]) -
     """Scale the LM head; 'auto': the smallest of HEAD_SCALES with which dual + threshold 0.9
     commits at least the target tokens per step over one block of these prompts, searched from
     the largest down (a larger scale, fewer steps: the cheap end first) until one falls short."""
-    head = head_weight(loaded.model)
+    head = loaded.model.head.weight
     block = args.block_length
     params = params_for("dual_threshold", block, block)
     scales = sorted(HEAD_SCALES, reverse=True) if args.head_scale == "auto" else [float(args.head_scale)]
@@ -352,12 +386,12 @@ def run_requests(
 # ---------------------------------------------------------------------------------- sections
 
 
-def count_syncs(loaded, args: argparse.Namespace) -> dict:
+def count_syncs(loaded, args: argparse.Namespace, modes: tuple[str, ...] = tuple(MODES)) -> dict:
     """Synchronisations per step from two runs that differ in gen_length only (see above)."""
     prompts = chat_prompts(loaded, [args.prompt_tokens - 8 * i for i in range(4)])
     block = args.block_length
     out = {}
-    for mode in MODES:
+    for mode in modes:
         run_jobs(loaded, prompts, [params_for(mode, block, block)] * len(prompts))  # warm-up
         short = syncs_of_run(loaded, prompts, params_for(mode, block, block))
         long = syncs_of_run(loaded, prompts, params_for(mode, 3 * block, block))
@@ -391,6 +425,36 @@ def syncs_of_run(loaded, prompts: list[list[int]], params: SamplingParams) -> di
         "syncs": len(syncs),
         "sites": Counter(f"{short_path(w.filename)}:{w.lineno}" for w in syncs),
     }
+
+
+def llada_moe(args: argparse.Namespace, device: torch.device, dtype: torch.dtype, flag: bool) -> dict:
+    """LLaDA-MoE-7B-A1B's shape in the model's dtype: which expert kernel runs, syncs per dual +
+    threshold step (CUDA), and tokens/s of 1 and --prompts concurrent dual + threshold jobs."""
+    built = time.perf_counter()
+    loaded = build_moe(args, device, dtype)
+    try:
+        out: dict = {
+            "shape": "tests' tiny LLaDA-MoE" if args.small else "LLaDA-MoE-7B-A1B (MOE_7B_SHAPE)",
+            "parameters": sum(p.numel() for p in loaded.model.parameters()),
+            "build_s": round(time.perf_counter() - built, 1),
+            "expert_kernels": sorted({type(m).__name__ for m in loaded.model.modules() if isinstance(m, Experts)}),
+            **set_head_scale(loaded, args, chat_prompts(loaded, [args.prompt_tokens])),
+        }
+        if device.type == "cuda":
+            out["syncs_per_step"] = count_syncs(loaded, args, modes=("dual_threshold",))
+        params = params_for("dual_threshold", args.gen_length, args.block_length)
+        out["runs"] = []
+        for batch in sorted({1, args.prompts}):
+            prompts = chat_prompts(loaded, [args.prompt_tokens - 4 * i for i in range(batch)])
+            run = run_requests(loaded, flag, prompts, params, args.time_box_s)
+            run.pop("answers")
+            out["runs"].append({"mode": "dual_threshold", "batch": batch, **run})
+        return out
+    finally:
+        del loaded
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
 
 
 def short_path(filename: str) -> str:
@@ -853,6 +917,9 @@ def main(argv: list[str] | None = None) -> None:
     )
     result["throughput"] = skipped("throughput") or run_section(
         "throughput", clock, lambda: throughput(loaded, args, clock, calibration, flag)
+    )
+    result["llada_moe"] = skipped("llada_moe") or run_section(
+        "llada_moe", clock, lambda: llada_moe(args, device, dtype, flag)
     )
     if not args.child and flag and args.off_sections != "none":
         if clock.remaining() < 60:

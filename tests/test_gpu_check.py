@@ -8,7 +8,14 @@ import subprocess
 import sys
 from pathlib import Path
 
-from loadtests.gpu_check import MODES, SECTIONS
+import dataclasses
+
+import torch
+
+from loadtests.gpu_check import MODES, MOE_7B_SHAPE, SECTIONS
+from server.engine.loader import load_checkpoint
+from server.engine.models import build_model
+from tests.family import write_llada_moe_checkpoint
 from tests.support import REPO_ROOT
 
 
@@ -50,5 +57,20 @@ def test_cpu_smoke_run_reports_every_section(tmp_path: Path):
     assert reference["tokens"] > 0
     assert reference["forward_vs_oracle_max_abs_diff"] < 1e-3  # the plain forward is LLaDA's
 
+    moe = result["llada_moe"]
+    assert moe["expert_kernels"] == ["OneDNNExperts"]  # the loader's CPU swap ran on the MoE model
+    assert {r["batch"] for r in moe["runs"]} == {1, 4}
+    assert all(r["tokens"] > 0 and r["finished_jobs"] == r["jobs"] for r in moe["runs"]), moe["runs"]
+
     goals = {g["goal"]: g for g in result["goals"]}
     assert len(goals) == 3 and all(isinstance(g["met"], bool) for g in goals.values())
+
+
+def test_the_moe_section_builds_llada_moe_7b_a1b_shape(tmp_path: Path):
+    """What the GPU run builds, on the meta device: LLaDA-MoE-7B-A1B's 7B parameters, 1B active."""
+    template = load_checkpoint(write_llada_moe_checkpoint(tmp_path / "moe"), device="cpu", dtype="float32")
+    config = dataclasses.replace(template.config, moe_layer_freq=(), **MOE_7B_SHAPE)
+    with torch.device("meta"):
+        model = build_model(config)
+    total = sum(p.numel() for p in model.parameters())
+    assert 7.0e9 < total < 7.5e9, total
