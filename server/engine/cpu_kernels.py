@@ -8,10 +8,15 @@ same names, same state dict) once the weights are on the CPU.
 
 from __future__ import annotations
 
+import ctypes
+
 import torch
 from torch import nn
 
 _ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+# glibc's mallopt parameters, and the largest block kept in the heap (the most mallopt takes)
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+_HEAP_BLOCK_BYTES = 2**31 - 1
 
 
 def padded_rows(rows: int) -> int:
@@ -63,3 +68,18 @@ def use_onednn_linears(model: nn.Module) -> nn.Module:
         if type(module) is nn.Linear and module.weight.device.type == "cpu" and onednn_runs(module.weight.dtype):
             module.__class__ = OneDNNLinear
     return model
+
+
+def keep_freed_memory() -> bool:
+    """Freed blocks of up to 2 GB stay in the process's heap for the next step, as CUDA's caching
+    allocator keeps them on a GPU. By default glibc maps each block above its threshold (32 MB at
+    most) afresh and unmaps it when freed, so a step's logits ([candidates, vocabulary] floats:
+    259 MB at batch 16 with LLaDA's vocabulary) were mapped, faulted in page by page and unmapped
+    at every step: a quarter of a batch-16 step of the tiny model (docs/BENCHMARKS.md, engine
+    v3). Freed memory is not returned to the system; the peak is what it was. Returns whether
+    the C library took the setting (only glibc has these knobs)."""
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    return bool(mallopt(_M_MMAP_THRESHOLD, _HEAP_BLOCK_BYTES)) and bool(mallopt(_M_TRIM_THRESHOLD, _HEAP_BLOCK_BYTES))
