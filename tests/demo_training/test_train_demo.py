@@ -4,23 +4,28 @@ trained (the compact-vocabulary shortcut of training/train_demo.py changes nothi
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from safetensors import safe_open
 
 from server.engine.demo import load_demo, save_checkpoint, tokenizer_ids
 from server.engine.loader import load_checkpoint
+from server.engine.models.llada import LLaDAModel
 from training.corpus import HELD_OUT_EVERY, chat_pairs, load_corpus
 from training.quality import opening_sentence, question_sets, spread, word_f1
-from training.train_demo import CompactVocab, main
+from training.train_demo import CompactVocab, grow, learning_rate, main, read_weights
 
-SMALL = ["--docs", "300", "--d-model", "32", "--layers", "2", "--heads", "2", "--mlp-hidden", "64"]
+SMALL = ["--threads", "0", "--init", "none", "--docs", "300", "--d-model", "32", "--layers", "2", "--heads", "2"]
+SMALL += ["--mlp-hidden", "64"]
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     out = tmp_path_factory.mktemp("train") / "demo.safetensors"
-    args = [*SMALL, "--steps", "60", "--sft-steps", "10", "--batch", "8", "--seq-len", "64", "--log-every", "10"]
+    args = [*SMALL, "--steps", "60", "--sft-steps", "10", "--batch", "8", "--sft-batch", "8", "--seq-len", "64"]
+    args += ["--log-every", "10"]
     summary = main([*args, "--out", str(out)])
     return summary, out
 
@@ -28,7 +33,8 @@ def trained(tmp_path_factory):
 def test_the_loss_goes_down(trained):
     summary, _ = trained
     pretrain = summary["history"]["pretrain"]
-    assert len(pretrain) == 50 and len(summary["history"]["sft"]) == 10
+    # the SFT phase's 10 steps: every third stays pre-training (--sft-mix 3)
+    assert len(pretrain) == 53 and len(summary["history"]["sft"]) == 7
     first, last = sum(pretrain[:10]) / 10, sum(pretrain[-10:]) / 10
     assert last < first - 1.0, (first, last)
     assert summary["held_out_loss"] < first
@@ -62,6 +68,52 @@ def test_the_written_model_saves_and_loads_as_a_llada_folder(trained, tmp_path):
     ids = torch.tensor([loaded.codec.encode("import this") + [126336] * 4])
     with torch.inference_mode():
         assert torch.equal(loaded.model.full_logits(ids), reloaded.model.full_logits(ids))
+
+
+def test_a_grown_model_computes_what_the_trained_one_did_until_it_trains(trained, tmp_path):
+    _, out = trained
+    state, config = read_weights(str(out))
+    assert config.n_layers == 2
+    grown = tmp_path / "grown.safetensors"
+    summary = main(
+        [*SMALL, "--init", str(out), "--layers", "3", "--steps", "0", "--sft-steps", "0", "--out", str(grown)]
+    )
+    assert summary["history"] == {"pretrain": [], "sft": []}
+    small, big = load_demo(path=out), load_demo(path=grown)
+    assert big.config.n_layers == 3 and big.config.d_model == config.d_model
+    ids = torch.tensor([small.codec.encode("import this") + [126336] * 4])
+    with torch.inference_mode():
+        torch.testing.assert_close(small.model.full_logits(ids), big.model.full_logits(ids))
+    compact = LLaDAModel(dataclasses.replace(config, n_layers=3, vocab_size=CompactVocab().rows))
+    with pytest.raises(ValueError):
+        grow(compact, state | {"unexpected": torch.zeros(1)}, 2, 3)
+
+
+def test_a_run_resumed_from_its_checkpoint_ends_where_an_unbroken_run_does(tmp_path):
+    args = [*SMALL, "--steps", "12", "--sft-steps", "8", "--batch", "4", "--sft-batch", "4", "--seq-len", "32"]
+    unbroken = main([*args, "--out", str(tmp_path / "a.safetensors")])
+    checkpoint = str(tmp_path / "state.pt")
+    # the checkpoint a run of 12 steps leaves after step 8, inside SFT (with SFT batches drawn
+    # ahead): what a run stopped there would leave
+    main([*args, "--checkpoint", checkpoint, "--checkpoint-every", "8", "--out", str(tmp_path / "b.safetensors")])
+    state = torch.load(checkpoint, weights_only=False)
+    assert state["step"] == 8
+    resumed = main([*args, "--checkpoint", checkpoint, "--resume", "--out", str(tmp_path / "c.safetensors")])
+    assert resumed["history"] == unbroken["history"]
+    with safe_open(str(tmp_path / "a.safetensors"), framework="pt") as a, safe_open(
+        str(tmp_path / "c.safetensors"), framework="pt"
+    ) as c:
+        assert all(torch.equal(a.get_tensor(name), c.get_tensor(name)) for name in a.keys())
+
+
+def test_the_learning_rate_warms_up_decays_to_a_tenth_then_restarts_for_sft():
+    steps, sft, peak, sft_peak = 1000, 400, 3e-3, 2e-3
+    lr = [learning_rate(step, steps, sft, peak, sft_peak, warmup=100) for step in range(steps)]
+    assert lr[0] == pytest.approx(peak / 100) and lr[99] == pytest.approx(peak)
+    assert all(a >= b for a, b in zip(lr[99:600], lr[100:600]))  # the cosine only goes down
+    assert lr[599] == pytest.approx(0.1 * peak, rel=0.01)
+    assert lr[600] < sft_peak and max(lr[600:]) == pytest.approx(sft_peak)
+    assert lr[799] == pytest.approx(sft_peak) and lr[-1] == pytest.approx(0.1 * sft_peak, rel=0.05)
 
 
 def test_the_corpus_is_pythons_own_documentation_split_into_train_and_held_out():
