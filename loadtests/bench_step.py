@@ -67,6 +67,12 @@ def measure_tree(args: argparse.Namespace) -> dict:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    try:  # what a server process of the tree sets on the CPU (a baseline tree may not have it)
+        from server.engine.cpu_kernels import keep_freed_memory
+
+        keep_freed_memory()
+    except ImportError:
+        pass
     params = SamplingParams(gen_length=64, steps=64, block_length=32, temperature=0.0)
     out = {}
     for model_name in args.models.split(","):

@@ -12,7 +12,7 @@ from server.api.app import create_app
 from server.api.state import ServerState
 from server.config import ServerConfig
 from server.engine.errors import CheckpointError, DeviceError
-from server.engine.startup import load_model
+from server.engine.startup import load_model, prepare_process
 
 log = logging.getLogger("llada.server")
 
@@ -54,6 +54,7 @@ def serve(config: ServerConfig) -> int:
     except (CheckpointError, DeviceError, ValueError) as exc:
         log.error("cannot load the model: %s", exc)
         return 1
+    prepare_process(loaded.device)
     info = loaded.info
     log.info("model %s (%s) on %s, dtype %s", info.name, config.model or "built-in demo", info.device, info.dtype)
     try:

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
-from server.engine.cpu_kernels import keep_freed_memory, use_onednn_linears
+from server.engine.cpu_kernels import use_onednn_linears
 from server.engine.devices import resolve_device, resolve_dtype
 from server.engine.errors import CheckpointError, read_json_object
 from server.engine.model_config import ModelConfig
@@ -101,10 +101,7 @@ def resolve_special_ids(config, codec: TextCodec) -> SpecialIds:
 
 
 def ready(model: torch.nn.Module) -> torch.nn.Module:
-    """The loaded model as the engine runs it: inference only, its device's kernels swapped in
-    (on the CPU, also the allocator's: cpu_kernels.keep_freed_memory)."""
-    if any(p.device.type == "cpu" for p in model.parameters()):
-        keep_freed_memory()
+    """The loaded model as the engine runs it: inference only, its device's kernels swapped in."""
     return use_expert_kernels(use_onednn_linears(model.eval().requires_grad_(False)))
 
 

@@ -44,10 +44,13 @@ class LladaReplica:
     async def __serve_build_asgi_app__(self):
         # Imported here: the driver and the proxy never load torch or a model.
         from server.api.app import create_app
+        from server.engine.devices import resolve_device
+        from server.engine.startup import prepare_process
 
         configure_logging(self.config.log_format, self.config.log_level)
         # Loading the model takes minutes for 8B; the replica's event loop stays free meanwhile.
         app = await asyncio.to_thread(create_app, self.config)  # Ray runs its lifespan: the engine starts
+        prepare_process(resolve_device(self.config.device))
         self.state = app.state.server
         context = serve.get_replica_context()
         self.metrics = await ReplicaMetrics.start(
