@@ -3,7 +3,8 @@
 oneDNN's fp32 and bf16 kernels are about twice as fast as MKL's sgemm on CPUs where MKL takes
 its AVX2 path (AMD's); torch.compile's CPU backend calls the same op. Model files stay plain
 PyTorch: `use_onednn_linears` changes the class of their nn.Linear modules (same parameters,
-same names, same state dict) once the weights are on the CPU.
+same names, same state dict) once the weights are on the CPU. Also here: `keep_freed_memory`,
+the heap setting a CPU server process makes once (startup.prepare_process).
 """
 
 from __future__ import annotations
